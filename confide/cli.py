@@ -1,0 +1,144 @@
+"""The one `confide` command: simulation today; coordinator, site, pki and audit as they land."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from confide import __version__
+from confide.errors import ConfideError
+
+EXIT_USAGE = 2
+
+
+def _sim_run_args(p: argparse.ArgumentParser) -> None:
+    # Numbers are read as text and validated by the pydantic model, so a bad value gets
+    # the same one-line message whether it came from a flag or from --config.
+    p.add_argument("--config", type=Path, help="TOML file with the settings (flags override it)")
+    p.add_argument("--task", help="built-in task (see `confide sim tasks`)")
+    p.add_argument("--model", help="model of the task (default: the task's own)")
+    p.add_argument("--sites", metavar="N", help="number of simulated sites (default 10)")
+    p.add_argument("--rounds", metavar="N", help="number of rounds (default 20)")
+    p.add_argument(
+        "--partition",
+        metavar="SPEC",
+        help="iid | dirichlet:ALPHA | shards:N | natural (default: the task's)",
+    )
+    p.add_argument("--fraction", metavar="F", help="fraction of sites trained per round (1.0)")
+    p.add_argument("--fraction-evaluate", metavar="F", help="fraction evaluated (= --fraction)")
+    p.add_argument("--min-sites", metavar="N", help="minimum sites per round (1)")
+    p.add_argument("--local-epochs", metavar="E", help="local epochs per round (task default)")
+    p.add_argument("--batch-size", metavar="B", help="local batch size (task default)")
+    p.add_argument("--lr", metavar="LR", help="local learning rate (task default)")
+    p.add_argument("--momentum", metavar="M", help="local SGD momentum (task default)")
+    p.add_argument("--max-steps", metavar="S", help="cap on local steps per round")
+    p.add_argument("--strategy", help="fedavg | fedadam (fedavg)")
+    p.add_argument("--server-lr", metavar="LR", help="server learning rate")
+    p.add_argument("--seed", metavar="S", help="seed of everything (0)")
+    p.add_argument("--data-dir", metavar="DIR", help="data folder (default ../shared/data)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/TASK-TIME)")
+    p.add_argument("--max-samples-per-site", metavar="N", help="cap on each site's training set")
+    p.add_argument("--eval-fraction", metavar="F", help="share of a site's data held out (0.1)")
+    p.add_argument("--max-test-samples", metavar="N", help="cap on the central test set")
+    p.add_argument(
+        "--no-central-eval",
+        dest="central_eval",
+        action="store_const",
+        const=False,
+        help="skip the central test-set evaluation",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+
+
+def _cmd_sim_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from confide.sims.config import SimRunConfig
+    from confide.sims.engine import run_inprocess
+
+    values: dict[str, Any] = {f: getattr(args, f) for f in SimRunConfig.model_fields}
+    if args.config is None and values["task"] is None:
+        raise ConfideError("--task: missing. Fix: pass --task NAME (see `confide sim tasks`)")
+    cfg = SimRunConfig.build(values, config_file=args.config)
+    console = Console(stderr=True)
+    out = console if not args.quiet else None
+    if out is not None:
+        s = cfg.data_settings()
+        out.print(
+            f"[bold]confide sim run[/bold]: task {cfg.task} (model {cfg.model_name}), "
+            f"{cfg.sites} sites, partition {s.partition}, {cfg.rounds} rounds, "
+            f"strategy {cfg.strategy}, seed {cfg.seed}"
+        )
+    result = run_inprocess(cfg, console=console, show_progress=not args.quiet)
+    last = result.history.last()
+    summary = (
+        f"test accuracy {100 * last.test_accuracy:.1f}%" if last and last.test_accuracy else ""
+    )
+    print(f"done: {cfg.rounds} rounds {summary}".rstrip())
+    print(f"history: {result.history_path}")
+    print(f"plot:    {result.plot_path}")
+    print(f"model:   {result.model_path}")
+    return 0
+
+
+def _cmd_sim_tasks(args: argparse.Namespace) -> int:
+    from confide.client.tasks import TASKS
+
+    for t in TASKS.values():
+        print(f"{t.name:<24} {t.description}")
+        print(
+            f"{'':<24} models: {', '.join(t.models)}; partitions: {', '.join(t.partitions)} "
+            f"(default {t.default_partition})"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="confide",
+        description="Privacy-preserving federated training on Flower.",
+    )
+    parser.add_argument("--version", action="version", version=f"confide {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sim = sub.add_parser("sim", help="simulate a federation on this machine")
+    sim_sub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND")
+    run = sim_sub.add_parser(
+        "run",
+        help="run a federation in this process",
+        description="Run a whole federation in this process and save history.json, "
+        "metrics.png and model.pt to --out.",
+    )
+    _sim_run_args(run)
+    run.set_defaults(func=_cmd_sim_run)
+    tasks = sim_sub.add_parser("tasks", help="list the built-in tasks")
+    tasks.set_defaults(func=_cmd_sim_tasks)
+    sim.set_defaults(func=lambda a: _help(sim))
+    return parser
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        return _help(parser)
+    try:
+        return int(args.func(args))
+    except ConfideError as e:
+        print(f"confide: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("confide: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

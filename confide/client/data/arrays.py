@@ -1,0 +1,57 @@
+"""The in-memory data set every loader returns: paired numpy arrays, convertible to torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import TensorDataset
+
+from confide.errors import DataFormatError
+
+_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64)}
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    # Zero-copy when possible. Loader caches hand out read-only arrays, which
+    # torch would alias as writable, so those (and only those) are copied.
+    if a.flags.writeable and a.dtype == _NUMPY_OF[dtype]:
+        return torch.from_numpy(a)
+    return torch.tensor(a, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayDataset:
+    """Features ``x`` and targets ``y`` with the same number of rows."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, np.ndarray) or not isinstance(self.y, np.ndarray):
+            raise DataFormatError(
+                f"ArrayDataset needs numpy arrays, got {type(self.x).__name__} and "
+                f"{type(self.y).__name__}. Fix: wrap the data with np.asarray"
+            )
+        if self.x.ndim == 0 or self.y.ndim == 0 or self.x.shape[0] != self.y.shape[0]:
+            raise DataFormatError(
+                f"x has shape {self.x.shape} but y has shape {self.y.shape}; they must have "
+                "the same number of rows. Fix: pass one target per sample"
+            )
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, idx: npt.ArrayLike) -> ArrayDataset:
+        """The rows ``idx`` (integer indices or a boolean mask), as independent copies."""
+        sel = np.asarray(idx)
+        if sel.dtype != np.bool_:
+            sel = sel.astype(np.int64, copy=False)
+        return ArrayDataset(self.x[sel], self.y[sel])
+
+    def to_torch(self) -> TensorDataset:
+        """A ``TensorDataset``: x as float32 (or int64 for token ids), y as int64."""
+        x_dtype = torch.int64 if np.issubdtype(self.x.dtype, np.integer) else torch.float32
+        return TensorDataset(_tensor(self.x, x_dtype), _tensor(self.y, torch.int64))

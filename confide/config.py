@@ -1,0 +1,57 @@
+"""Shared configuration plumbing: TOML loading and one-line messages for invalid values."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from confide.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file is a :class:`ConfigError`."""
+    if not path.is_file():
+        raise ConfigError("--config", f"no such file: {path}", "give the path of a TOML file")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path} is not valid TOML ({e})", "fix the syntax") from e
+
+
+def first_error(
+    err: ValidationError, model: type[BaseModel], *, flag_fields: Collection[str] = ()
+) -> ConfigError:
+    """Turn pydantic's report into one :class:`ConfigError` naming the field and its fix.
+
+    ``flag_fields`` are the fields given on the command line. The fix comes from the
+    field's ``json_schema_extra={"fix": ...}``, so each config class owns its advice.
+    """
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    name = loc[0] if loc else "config"
+    field = model.model_fields.get(name)
+    fix = "see `confide sim run --help`"
+    extra = field.json_schema_extra if field is not None else None
+    if isinstance(extra, Mapping) and "fix" in extra:
+        fix = str(extra["fix"])
+    # Name the field the way the user wrote it: a command-line flag or a TOML key.
+    label = "--" + name.replace("_", "-") if name in flag_fields else ".".join(loc) or name
+    msg = str(e["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if e["type"] == "extra_forbidden":
+        return ConfigError(
+            label, "unknown setting", f"remove it; valid: {', '.join(model.model_fields)}"
+        )
+    problem = f"{msg} (got {e['input']!r})" if "input" in e and e["type"] != "missing" else msg
+    return ConfigError(label, problem, fix)

@@ -1,0 +1,1 @@
+"""Coordinator side of Confide: aggregation strategies, selection and round bookkeeping."""

@@ -1,0 +1,1 @@
+"""Simulation: run a whole federation locally and (later) price it."""

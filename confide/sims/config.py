@@ -1,0 +1,162 @@
+"""Configuration of a simulated federation (`confide sim run`), validated up front."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from confide.client.data import PartitionSpec
+from confide.client.tasks import TASKS, DataSettings, Task, get_task
+from confide.config import first_error, load_toml
+from confide.errors import ConfideError, ConfigError
+
+
+def _fix(text: str) -> Any:
+    return {"fix": text}
+
+
+class SimRunConfig(BaseModel):
+    """Everything `confide sim run` needs; every field has a default but the task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(json_schema_extra=_fix(f"use one of: {', '.join(TASKS)}"))
+    model: str | None = Field(None, json_schema_extra=_fix("see `confide sim tasks`"))
+    sites: int = Field(10, ge=1, json_schema_extra=_fix("use a whole number of sites >= 1"))
+    rounds: int = Field(20, ge=1, json_schema_extra=_fix("use a whole number of rounds >= 1"))
+    partition: str = Field(
+        "",
+        json_schema_extra=_fix("use iid, dirichlet:ALPHA, shards:N or natural"),
+    )
+    fraction: float = Field(
+        1.0, gt=0, le=1, json_schema_extra=_fix("use a fraction of sites in (0, 1], e.g. 0.1")
+    )
+    fraction_evaluate: float | None = Field(
+        None, gt=0, le=1, json_schema_extra=_fix("use a fraction in (0, 1]; default = fraction")
+    )
+    min_sites: int = Field(1, ge=1, json_schema_extra=_fix("use a whole number >= 1"))
+    local_epochs: int | None = Field(None, ge=1, json_schema_extra=_fix("use >= 1"))
+    batch_size: int | None = Field(None, ge=1, json_schema_extra=_fix("use >= 1"))
+    lr: float | None = Field(None, gt=0, json_schema_extra=_fix("use a positive learning rate"))
+    momentum: float | None = Field(None, ge=0, lt=1, json_schema_extra=_fix("use [0, 1)"))
+    max_steps: int | None = Field(
+        None, ge=1, json_schema_extra=_fix("use >= 1 local steps per round, or leave it unset")
+    )
+    strategy: Literal["fedavg", "fedadam"] = Field(
+        "fedavg", json_schema_extra=_fix("use fedavg or fedadam")
+    )
+    server_lr: float | None = Field(None, gt=0, json_schema_extra=_fix("use a positive rate"))
+    seed: int = Field(0, ge=0, json_schema_extra=_fix("use a non-negative integer"))
+    data_dir: Path | None = Field(
+        None,
+        json_schema_extra=_fix(
+            "pass --data-dir pointing at the folder that holds mnist/, tinyshakespeare/ "
+            "and credit-default/, or set CONFIDE_DATA_DIR"
+        ),
+    )
+    out: Path | None = Field(None, json_schema_extra=_fix("give a writable folder"))
+    max_samples_per_site: int | None = Field(
+        None, ge=1, json_schema_extra=_fix("use >= 1 or leave it unset for all of a site's data")
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, json_schema_extra=_fix("use a fraction in [0, 1), e.g. 0.1")
+    )
+    central_eval: bool = Field(True, json_schema_extra=_fix("use true or false"))
+    max_test_samples: int | None = Field(None, ge=1, json_schema_extra=_fix("use >= 1"))
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_of_task(cls, v: str | None, info: ValidationInfo) -> str | None:
+        task = info.data.get("task")
+        if v is not None and task in TASKS and v not in TASKS[task].models:
+            raise ValueError(
+                f"{v!r} is not a model of task {task} (use one of: {', '.join(TASKS[task].models)})"
+            )
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _valid_partition(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            return v
+        try:
+            kind = PartitionSpec.parse(v).kind
+        except ConfigError as e:
+            raise ValueError(e.problem) from None
+        task = info.data.get("task")
+        if task in TASKS and kind not in TASKS[task].partitions:
+            raise ValueError(
+                f"does not apply to task {task} (use one of: {', '.join(TASKS[task].partitions)})"
+            )
+        return v
+
+    @field_validator("min_sites")
+    @classmethod
+    def _not_more_than_sites(cls, v: int, info: ValidationInfo) -> int:
+        sites = info.data.get("sites")
+        if isinstance(sites, int) and v > sites:
+            raise ValueError(f"exceeds the number of sites ({sites})")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _existing_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError("no such folder")
+        return v
+
+    # --- derived ------------------------------------------------------------------
+
+    @property
+    def task_spec(self) -> Task:
+        return get_task(self.task)
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.task_spec.model
+
+    def data_settings(self) -> DataSettings:
+        return self.task_spec.settings(
+            DataSettings(
+                data_dir=str(self.data_dir) if self.data_dir else None,
+                partition=self.partition,
+                num_sites=self.sites,
+                seed=self.seed,
+                max_samples_per_site=self.max_samples_per_site,
+                eval_fraction=self.eval_fraction,
+                max_test_samples=self.max_test_samples,
+            )
+        )
+
+    def out_dir(self) -> Path:
+        if self.out is not None:
+            return self.out
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{self.task}-{stamp}"
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, config_file: Path | None = None) -> SimRunConfig:
+        """Validate CLI values over an optional TOML file; errors become one ConfigError."""
+        merged: dict[str, Any] = {}
+        if config_file is not None:
+            raw = load_toml(config_file)
+            merged.update(raw.get("sim", raw))
+        flags = {k: v for k, v in values.items() if v is not None}
+        merged.update(flags)
+        try:
+            return cls(**merged)
+        except ValidationError as e:
+            raise first_error(e, cls, flag_fields=flags) from None
+
+
+__all__ = ["ConfideError", "SimRunConfig"]

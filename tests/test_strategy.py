@@ -1,0 +1,100 @@
+"""FedAvg and FedAdam against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from confide.errors import ConfigError
+from confide.server.strategy import (
+    AggregationError,
+    FedAdam,
+    FedAvg,
+    SiteResult,
+    make_strategy,
+    select_sites,
+    weighted_mean,
+    weighted_metrics,
+)
+
+
+def _site(values: list[list[float]], n: int) -> SiteResult:
+    return SiteResult([np.asarray(v, dtype=np.float32) for v in values], n)
+
+
+def test_fedavg_equals_hand_computed_weighted_mean() -> None:
+    a = _site([[1.0, 2.0], [10.0]], 1)
+    b = _site([[3.0, 6.0], [20.0]], 3)
+    glob = [np.zeros(2, np.float32), np.zeros(1, np.float32)]
+    out = FedAvg().aggregate(glob, [a, b])
+    # (1*1 + 3*3)/4 = 2.5, (1*2 + 3*6)/4 = 5.0, (1*10 + 3*20)/4 = 17.5
+    np.testing.assert_allclose(out[0], [2.5, 5.0])
+    np.testing.assert_allclose(out[1], [17.5])
+    assert out[0].dtype == np.float32
+
+
+def test_fedavg_server_lr_moves_part_of_the_way() -> None:
+    glob = [np.array([0.0, 0.0], np.float32)]
+    out = FedAvg(server_lr=0.5).aggregate(glob, [_site([[2.0, 4.0]], 5)])
+    np.testing.assert_allclose(out[0], [1.0, 2.0])
+
+
+def test_weighted_mean_keeps_integer_arrays_of_first_site() -> None:
+    a = SiteResult([np.array([1.0]), np.array([7], np.int64)], 1)
+    b = SiteResult([np.array([3.0]), np.array([9], np.int64)], 1)
+    out = weighted_mean([a, b])
+    assert out[1].tolist() == [7]
+    np.testing.assert_allclose(out[0], [2.0])
+
+
+def test_fedadam_first_step_matches_the_paper_update() -> None:
+    glob = [np.array([1.0, -1.0], np.float64)]
+    site = SiteResult([np.array([1.5, -2.0])], 10)
+    opt = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    out = opt.aggregate(glob, [site])
+    delta = np.array([0.5, -1.0])
+    m = 0.1 * delta
+    v = 0.99 * 1e-6 + 0.01 * delta**2
+    expected = glob[0] + 0.1 * m / (np.sqrt(v) + 1e-3)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-12)
+    # Moments persist: a second identical round moves further in the same direction.
+    out2 = opt.aggregate(out, [SiteResult([out[0] + delta], 10)])
+    assert np.all(np.sign(out2[0] - out[0]) == np.sign(delta))
+    state = opt.state()
+    fresh = FedAdam(server_lr=0.1)
+    fresh.load_state(state)
+    np.testing.assert_array_equal(fresh.state()["m"][0], state["m"][0])
+
+
+def test_mismatched_shapes_are_rejected_with_the_reason() -> None:
+    a = _site([[1.0, 2.0]], 1)
+    b = _site([[1.0, 2.0, 3.0]], 1)
+    with pytest.raises(AggregationError, match="shape"):
+        weighted_mean([a, b])
+    with pytest.raises(AggregationError, match="no site results"):
+        weighted_mean([])
+    with pytest.raises(AggregationError, match="zero training examples"):
+        weighted_mean([_site([[1.0]], 0)])
+
+
+def test_weighted_metrics_weights_by_examples() -> None:
+    out = weighted_metrics([(1, {"acc": 0.0}), (3, {"acc": 1.0, "loss": 2.0})])
+    assert out == {"acc": 0.75, "loss": 2.0}
+
+
+def test_select_sites_respects_fraction_and_minimum() -> None:
+    rng = np.random.default_rng(0)
+    chosen = select_sites(100, 0.1, 1, rng)
+    assert len(chosen) == 10 and len(set(chosen)) == 10
+    assert all(0 <= c < 100 for c in chosen)
+    assert len(select_sites(10, 0.1, 3, rng)) == 3
+    assert select_sites(3, 1.0, 1, rng) == [0, 1, 2]
+
+
+def test_bad_strategy_settings_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="strategy"):
+        make_strategy("fedsgd")
+    with pytest.raises(ConfigError, match="server_lr"):
+        FedAvg(server_lr=0)
+    with pytest.raises(ConfigError, match="beta1/beta2"):
+        FedAdam(beta1=1.5)
