@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--model", default="cnn")
     p.add_argument("--rounds-iid", type=int, default=30)
     p.add_argument("--rounds-noniid", type=int, default=20)

@@ -1,4 +1,4 @@
-"""The one `confide` command: simulation today; coordinator, site, pki and audit as they land."""
+"""The one `confide` command: simulation and PKI today; coordinator, site and audit as they land."""
 
 from __future__ import annotations
 
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sim_sub.add_parser("tasks", help="list the built-in tasks")
     tasks.set_defaults(func=_cmd_sim_tasks)
     sim.set_defaults(func=lambda a: _help(sim))
+
+    from confide.privacy.crypto.pki_cli import add_pki_parser
+
+    add_pki_parser(sub)
     return parser
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from confide.client.apps import make_client_app, make_numpy_client_app, mnist_cnn
+from confide.client.apps import credit_lstm, make_client_app, make_numpy_client_app
 from confide.client.models import build_model, get_weights
-from confide.sims.config import SimRunConfig
-from confide.sims.engine import run_inprocess
+from confide.sims.engine import instruction
 
 
 @pytest.mark.slow
@@ -25,7 +24,7 @@ def test_builtin_clientapp_runs_unchanged_under_flower_run_simulation() -> None:
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        model = build_model("cnn")
+        model = build_model("seq-lstm")
         initial = ArrayRecord(model.state_dict())
         strategy = FedAvg(
             fraction_train=1.0,
@@ -38,14 +37,14 @@ def test_builtin_clientapp_runs_unchanged_under_flower_run_simulation() -> None:
             grid=grid,
             initial_arrays=initial,
             num_rounds=2,
-            train_config=ConfigRecord({"max-steps": 20, "lr": 0.05}),
+            train_config=ConfigRecord({"max-steps": 30, "lr": 0.05}),
         )
         outcome["initial"] = initial.to_numpy_ndarrays()
         outcome["result"] = result
 
     run_simulation(
         server_app=server,
-        client_app=mnist_cnn,  # the object a user would name as confide.client.apps:mnist_cnn
+        client_app=credit_lstm,  # what a user names as confide.client.apps:credit_lstm
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
@@ -62,23 +61,35 @@ def test_builtin_clientapp_runs_unchanged_under_flower_run_simulation() -> None:
     assert float(train[2]["train_loss"]) < float(train[1]["train_loss"])
 
 
-@pytest.mark.slow
-def test_numpy_client_flavour_trains_exactly_like_the_message_api_app(tmp_path: Path) -> None:
-    cfg = SimRunConfig(
-        task="credit-lstm",
-        sites=2,
-        rounds=1,
-        max_samples_per_site=200,
-        out=tmp_path / "a",
-        central_eval=False,
+def test_numpy_client_flavour_answers_flowers_legacy_messages_like_the_message_app() -> None:
+    # What Flower's legacy server (NumPyClient strategies) sends: FitIns as a RecordDict.
+    weights = get_weights(build_model("seq-lstm"))
+    config = {"server-round": 1, "lr": 0.05, "max-steps": 3}
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 1, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={"max-samples-per-site": 120},
     )
-    a = run_inprocess(cfg, app=make_client_app("credit-lstm"), show_progress=False)
-    b = run_inprocess(
-        cfg.model_copy(update={"out": tmp_path / "b"}),
-        app=make_numpy_client_app("credit-lstm"),
-        show_progress=False,
+    legacy = fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters(weights), dict(config)), keep_input=True
     )
-    for x, y in zip(a.weights, b.weights, strict=True):
-        np.testing.assert_array_equal(x, y)
-    assert a.history.rounds[-1].eval_accuracy == b.history.rounds[-1].eval_accuracy
-    assert len(get_weights(build_model("seq-lstm"))) == len(a.weights)
+    reply = make_numpy_client_app("credit-lstm")(
+        instruction(legacy, 2, MessageType.TRAIN, 1, "legacy"), context
+    )
+    fitres = recorddict_to_fitres(reply.content, keep_input=True)
+    legacy_weights = parameters_to_ndarrays(fitres.parameters)
+
+    modern = RecordDict(
+        {"arrays": ArrayRecord([w.copy() for w in weights]), "config": ConfigRecord(config)}
+    )
+    reply2 = make_client_app("credit-lstm")(
+        instruction(modern, 2, MessageType.TRAIN, 1, "modern"), context
+    )
+    modern_weights = reply2.content.array_records["arrays"].to_numpy_ndarrays()
+    assert fitres.num_examples == int(reply2.content.metric_records["metrics"]["num-examples"])
+    assert fitres.num_examples == 120  # the cap applies to the training part
+    for a, b in zip(legacy_weights, modern_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(weights, modern_weights, strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,16 @@ def test_lstm_state_dict_has_no_internal_dplstm_names() -> None:
     keys = list(CharLSTM(dp=True).state_dict())
     assert not [k for k in keys if ".l0." in k or ".ih." in k or ".hh." in k]
     assert len(keys) == len(list(CharLSTM(dp=True).parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dp_model_survives_pickling(name: str) -> None:
+    # Ray and multiprocessing pickle whole modules; the LSTM state hooks must come along.
+    model = build(name, dp=True)
+    clone = pickle.loads(pickle.dumps(model))
+    assert list(clone.state_dict()) == list(model.state_dict())
+    x, _ = make_batch(name, 2)
+    torch.testing.assert_close(clone(x), model(x))
 
 
 def test_dp_lstm_weights_survive_opacus_wrapping() -> None:

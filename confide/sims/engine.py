@@ -108,6 +108,28 @@ def train_config_for(cfg: SimRunConfig, server_round: int) -> ConfigRecord:
     return ConfigRecord(config)
 
 
+def instruction(
+    content: RecordDict, node_id: int, message_type: str, server_round: int, message_id: str
+) -> Message:
+    """A server-to-site message with the metadata a SuperLink would stamp on it.
+
+    Flower's convenience constructor reads a process-global task identity that only
+    its own runtimes set; stamping the metadata here keeps the engine free of globals.
+    """
+    metadata = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=0,
+        dst_node_id=node_id,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=message_type,
+    )
+    return Message(content, metadata=metadata)  # type: ignore[call-overload,no-any-return]
+
+
 class InProcessEngine:
     """Runs a federation described by a :class:`SimRunConfig` inside this process."""
 
@@ -152,21 +174,10 @@ class InProcessEngine:
     def _call(
         self, site: int, message_type: str, content: RecordDict, server_round: int
     ) -> Message:
-        # Explicit metadata, as a SuperLink would stamp it: Flower's convenience
-        # constructor reads a process-global task identity that only its runtimes set.
         self._sent += 1
-        metadata = Metadata(
-            run_id=1,
-            message_id=f"{server_round}-{site}-{self._sent}",
-            src_node_id=0,
-            dst_node_id=site + 1,
-            reply_to_message_id="",
-            group_id=str(server_round),
-            created_at=time.time(),
-            ttl=DEFAULT_TTL,
-            message_type=message_type,
+        msg = instruction(
+            content, site + 1, message_type, server_round, f"{server_round}-{site}-{self._sent}"
         )
-        msg = Message(content, metadata=metadata)  # type: ignore[call-overload]
         return self.app(msg, self.contexts[site])
 
     def _central_eval(self, record: RoundRecord) -> None:

@@ -1,0 +1,1 @@
+"""Privacy machinery of Confide: certificates and keys (``crypto``), and in time DP and SecAgg."""
