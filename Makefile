@@ -17,7 +17,7 @@ help:
 	@echo "make test   - set up .venv with dev extras, lint, type-check and run the whole test suite"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - the benchmarks in benchmarks/ (long: tens of minutes on 2 cores)"
-	@echo "make protos - regenerate confide/protos from protos/ (once the wire contract exists)"
+	@echo "make protos - regenerate the committed stubs in confide/protos from protos/confide/v1"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,11 +48,11 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff format confide tests benchmarks examples
 	$(BIN)/ruff check --fix confide tests benchmarks examples
 
+# The virtual proto path makes the generated modules import each other as
+# confide.protos.v1.*, while the .proto files keep the language-neutral layout.
 protos: $(DEV_STAMP)
-	@if ls protos/confide/v1/*.proto >/dev/null 2>&1; then \
-		$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
-			--pyi_out=. protos/confide/v1/*.proto; \
-	else echo "no .proto files yet (the coordinator issue adds protos/confide/v1)"; fi
+	$(BIN)/python -m grpc_tools.protoc --proto_path=confide/protos=protos/confide \
+		--python_out=. --grpc_python_out=. --pyi_out=. protos/confide/v1/*.proto
 
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --json benchmarks/results/train_throughput.json
