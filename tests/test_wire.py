@@ -1,0 +1,113 @@
+"""The chunk-stream codec: exact round trips, and every malformed stream rejected with a reason."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from confide.protos.v1 import coordinator_pb2 as pb
+from confide.wire import Payload, WireError, decode, encode
+
+MB = 1 << 20
+
+
+def _payload() -> Payload:
+    rng = np.random.default_rng(0)
+    return Payload(
+        task_id="t-1",
+        names=["w", "b", "counts"],
+        arrays=[
+            rng.standard_normal((300, 200)).astype(np.float32),
+            rng.standard_normal(200).astype(np.float32),
+            np.arange(7, dtype=np.uint32),
+        ],
+        metrics={"num-examples": 600, "train_loss": 0.25, "dp": True},
+        config={"lr": 0.05, "note": "hello", "blob": b"\x00\x01"},
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(chunk=st.integers(min_value=1, max_value=300_000))
+def test_round_trip_is_exact_for_any_chunk_size(chunk: int) -> None:
+    p = _payload()
+    chunks = list(encode(p, chunk))
+    assert all(len(c.data) <= chunk for c in chunks if c.WhichOneof("part") == "data")
+    out = decode(chunks, max_bytes=16 * MB)
+    assert out.names == p.names and out.task_id == "t-1"
+    for a, b in zip(out.arrays, p.arrays, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    assert out.metrics == p.metrics and out.config == p.config
+    assert isinstance(out.metrics["dp"], bool) and isinstance(out.metrics["num-examples"], int)
+
+
+def test_float32_costs_four_bytes_per_parameter_on_the_wire() -> None:
+    p = _payload()
+    data = sum(len(c.data) for c in encode(p, MB))
+    assert data == 4 * (300 * 200 + 200) + 4 * 7
+
+
+def _tamper(chunks: list[pb.Chunk], index: int, new: pb.Chunk) -> list[pb.Chunk]:
+    return [*chunks[:index], new, *chunks[index + 1:]]
+
+
+def test_malformed_streams_are_rejected_with_the_reason() -> None:
+    chunks = list(encode(_payload(), 64 * 1024))
+    with pytest.raises(WireError, match="start with a manifest"):
+        decode(chunks[1:], max_bytes=16 * MB)
+    with pytest.raises(WireError, match="above the limit"):
+        decode(chunks, max_bytes=1000)
+    with pytest.raises(WireError, match="without its SHA-256"):
+        decode(chunks[:-1], max_bytes=16 * MB)
+    with pytest.raises(WireError, match="ended after"):
+        decode(chunks[:2] + chunks[-1:], max_bytes=16 * MB)
+    corrupted = bytearray(chunks[1].data)
+    corrupted[0] ^= 0xFF
+    with pytest.raises(WireError, match="SHA-256 mismatch"):
+        decode(_tamper(chunks, 1, pb.Chunk(data=bytes(corrupted))), max_bytes=16 * MB)
+    with pytest.raises(WireError, match="more data"):
+        decode([*chunks[:-1], pb.Chunk(data=b"x"), *chunks[-1:]], max_bytes=16 * MB)
+    with pytest.raises(WireError, match="do not match the federation's model"):
+        decode(chunks, max_bytes=16 * MB, expect=[("w", (300, 200))])
+
+
+def test_manifest_lies_are_caught_before_reading_data() -> None:
+    bad = pb.Manifest(
+        task_id="t",
+        arrays=[pb.ArrayHeader(name="x", dtype="|O", shape=[2], nbytes=16)],
+        total_bytes=16,
+    )
+    with pytest.raises(WireError, match="not allowed"):
+        decode([pb.Chunk(manifest=bad)], max_bytes=MB)
+    bad = pb.Manifest(
+        task_id="t",
+        arrays=[pb.ArrayHeader(name="x", dtype="<f4", shape=[3], nbytes=16)],
+        total_bytes=16,
+    )
+    with pytest.raises(WireError, match="do not fit shape"):
+        decode([pb.Chunk(manifest=bad)], max_bytes=MB)
+    data = b"\x00" * 8
+    ok = pb.Manifest(
+        task_id="t",
+        arrays=[pb.ArrayHeader(name="x", dtype="<f4", shape=[2], nbytes=8)],
+        total_bytes=8,
+    )
+    out = decode(
+        [
+            pb.Chunk(manifest=ok),
+            pb.Chunk(data=data),
+            pb.Chunk(sha256=hashlib.sha256(data).digest()),
+        ],
+        max_bytes=MB,
+    )
+    assert out.arrays[0].tolist() == [0.0, 0.0]
+
+
+def test_object_arrays_cannot_be_sent() -> None:
+    p = Payload(task_id="t", names=["o"], arrays=[np.array([object()], dtype=object)])
+    with pytest.raises(WireError, match="does not carry"):
+        list(encode(p))
