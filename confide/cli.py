@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     from confide.privacy.crypto.pki_cli import add_pki_parser
 
     add_pki_parser(sub)
+
+    from confide.server.cli import add_coordinator_parser
+
+    add_coordinator_parser(sub)
     return parser
 
 

@@ -39,19 +39,40 @@ def first_error(
     e = err.errors()[0]
     loc = [str(p) for p in e["loc"]]
     name = loc[0] if loc else "config"
-    field = model.model_fields.get(name)
-    fix = "see `confide sim run --help`"
-    extra = field.json_schema_extra if field is not None else None
-    if isinstance(extra, Mapping) and "fix" in extra:
-        fix = str(extra["fix"])
+    fix = _field_fix(model, loc) or "see the documentation of this setting"
     # Name the field the way the user wrote it: a command-line flag or a TOML key.
     label = "--" + name.replace("_", "-") if name in flag_fields else ".".join(loc) or name
     msg = str(e["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if e["type"] == "extra_forbidden":
-        return ConfigError(
-            label, "unknown setting", f"remove it; valid: {', '.join(model.model_fields)}"
-        )
+        owner = _model_at(model, loc[:-1])
+        valid = ", ".join(f for f in owner.model_fields if f != "base_dir") if owner else "?"
+        return ConfigError(label, "unknown setting", f"remove it; valid here: {valid}")
     problem = f"{msg} (got {e['input']!r})" if "input" in e and e["type"] != "missing" else msg
     return ConfigError(label, problem, fix)
+
+
+def _field_fix(model: type[BaseModel], loc: list[str]) -> str | None:
+    """The ``fix`` advice of the innermost field along ``loc`` that has one."""
+    current: type[BaseModel] | None = model
+    fix: str | None = None
+    for part in loc:
+        field = current.model_fields.get(part) if current is not None else None
+        if field is None:
+            break
+        extra = field.json_schema_extra
+        if isinstance(extra, Mapping) and "fix" in extra:
+            fix = str(extra["fix"])
+        ann = field.annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return fix
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    current: type[BaseModel] | None = model
+    for part in loc:
+        field = current.model_fields.get(part) if current is not None else None
+        ann = field.annotation if field is not None else None
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return current

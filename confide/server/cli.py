@@ -1,0 +1,163 @@
+"""`confide coordinator start | status`: run a federation's coordinator, or look at its state."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from confide.errors import ConfideError
+
+
+def add_coordinator_parser(sub: Any) -> None:
+    p = sub.add_parser("coordinator", help="run or inspect a federation's coordinator")
+    csub = p.add_subparsers(dest="coordinator_command", metavar="SUBCOMMAND")
+    start = csub.add_parser(
+        "start",
+        help="serve the federation over mutual TLS and run its rounds",
+        description="Start the coordinator described by federation.toml. It listens with "
+        "mutual TLS only, runs the rounds, checkpoints into server.state_dir after each "
+        "round and resumes from there after a restart.",
+    )
+    start.add_argument("--config", type=Path, required=True, help="federation.toml")
+    start.add_argument("--address", help="override server.address (HOST:PORT)")
+    start.add_argument("--state-dir", help="override server.state_dir")
+    start.set_defaults(func=_start)
+    status = csub.add_parser("status", help="rounds, connected sites, last accuracy")
+    status.add_argument("--config", type=Path, required=True, help="federation.toml")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _start(args: argparse.Namespace) -> int:
+    from confide.server.config import FederationConfig
+    from confide.server.coordinator import Coordinator, configure_logging
+
+    cfg = FederationConfig.load(
+        args.config, **{"server.address": args.address, "server.state_dir": args.state_dir}
+    )
+    configure_logging(cfg.state_dir, json_lines=cfg.server.log_json)
+    coordinator = Coordinator(cfg)
+    coordinator.start()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+        coordinator.stop_event.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = coordinator.run()
+    finally:
+        coordinator.shutdown()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    print(f"state:   {cfg.state_dir / 'state.db'}")
+    print(f"history: {cfg.state_dir / 'history.json'}")
+    print(f"log:     {cfg.state_dir / 'coordinator.log'}")
+    return 130 if stopping.is_set() and code == 0 else code
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from confide.server.config import FederationConfig
+    from confide.server.store import Store
+
+    cfg = FederationConfig.load(args.config)
+    if not (cfg.state_dir / "state.db").exists():
+        raise ConfideError(
+            f"no coordinator state in {cfg.state_dir}. Fix: start the coordinator with "
+            f"`confide coordinator start --config {args.config}` first"
+        )
+    store = Store(cfg.state_dir)
+    try:
+        rounds = store.rounds()
+        sites = store.sites()
+        events = store.events("checkpoint")
+    finally:
+        store.close()
+    now = time.time()
+    timeout = cfg.server.site_timeout_seconds
+    done = [r for r in rounds if r.status == "ok"]
+    last_acc = next(
+        (r.eval_metrics.get("eval_accuracy") for r in reversed(done) if r.eval_metrics), None
+    )
+    summary = {
+        "federation": cfg.federation.name,
+        "rounds_planned": cfg.federation.rounds,
+        "rounds_completed": len({r.round for r in done}),
+        "last_checkpoint": events[-1]["round"] if events else 0,
+        "last_eval_accuracy": last_acc,
+        "sites_connected": sum(1 for s in sites if now - s.last_seen <= timeout),
+        "sites_known": len(sites),
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    **summary,
+                    "rounds": [r.__dict__ for r in rounds],
+                    "sites": [s.__dict__ for s in sites],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = Console()
+    acc = f"{100 * last_acc:.1f}%" if last_acc is not None else "-"
+    console.print(
+        f"[bold]{cfg.federation.name}[/bold]: {summary['rounds_completed']}/"
+        f"{cfg.federation.rounds} rounds, {summary['sites_connected']} of {len(sites)} sites "
+        f"connected, last accuracy {acc}"
+    )
+    table = Table(title="rounds")
+    for col in (
+        "round",
+        "attempt",
+        "status",
+        "sites ok",
+        "failures",
+        "train loss",
+        "eval acc",
+        "s",
+    ):
+        table.add_column(col)
+    for r in rounds[-20:]:
+        table.add_row(
+            str(r.round),
+            str(r.attempt),
+            r.status,
+            f"{len(r.succeeded)}/{len(r.selected)}",
+            "; ".join(f"{k}: {v}" for k, v in r.failures.items())[:60],
+            f"{r.train_metrics['train_loss']:.3f}" if "train_loss" in r.train_metrics else "-",
+            f"{100 * r.eval_metrics['eval_accuracy']:.1f}%"
+            if "eval_accuracy" in r.eval_metrics
+            else "-",
+            f"{(r.finished or now) - r.started:.1f}",
+        )
+    console.print(table)
+    st = Table(title="sites")
+    for col in ("site", "connected", "last seen", "tasks ok", "failed", "last error"):
+        st.add_column(col)
+    for s in sites:
+        st.add_row(
+            s.site_id,
+            "yes" if now - s.last_seen <= timeout else "no",
+            f"{now - s.last_seen:.0f} s ago",
+            str(s.tasks_done),
+            str(s.tasks_failed),
+            (s.last_error or "")[:60],
+        )
+    console.print(st)
+    return 0

@@ -1,0 +1,486 @@
+"""The coordinator: serves the wire contract over mutual TLS and drives the rounds.
+
+One loop thread runs the federation (select, train, aggregate, evaluate, checkpoint)
+while gRPC handler threads talk to the sites through a :class:`RoundBoard`. State goes
+to SQLite and model files after every round, so a restarted coordinator resumes at the
+next round with exactly the model it had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from confide.client.models import MODELS, build_model, get_weights
+from confide.errors import ConfideError, ConfigError
+from confide.privacy.crypto import load_coordinator
+from confide.protos.v1 import coordinator_pb2 as pb
+from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.server.config import FederationConfig
+from confide.server.history import History, RoundRecord
+from confide.server.rounds import Kind, Phase, Rejected, RoundBoard, TaskSpec, finite
+from confide.server.service import CoordinatorService
+from confide.server.store import Store
+from confide.server.strategy import (
+    FedAdam,
+    SiteResult,
+    make_strategy,
+    weighted_metrics,
+)
+from confide.wire import Payload, encode
+
+log = logging.getLogger("confide.coordinator")
+
+NUM_EXAMPLES = "num-examples"
+MAX_EXAMPLES = 10**9  # a site claiming more is lying or broken; it would dominate the mean
+
+
+class NotEnoughSites(ConfideError, RuntimeError):
+    """Fewer sites than ``min_sites`` connected, or every attempt of a round failed."""
+
+
+def initial_model(spec: str, seed: int) -> tuple[list[str], list[npt.NDArray[Any]]]:
+    """Names and weights of the starting model: a built-in name or ``module:attribute``."""
+    torch.manual_seed(seed)
+    if spec in MODELS:
+        model = build_model(spec)
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(
+                "federation.model",
+                f"cannot load {spec!r} ({e})",
+                "give module:attribute of a function returning a torch.nn.Module",
+            ) from e
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                "federation.model",
+                f"{spec} returned {type(model).__name__}",
+                "return a torch.nn.Module",
+            )
+    else:
+        raise ConfigError(
+            "federation.model",
+            f"unknown model {spec!r}",
+            f"use one of {', '.join(MODELS)} or module:attribute",
+        )
+    return list(model.state_dict().keys()), get_weights(model)
+
+
+def weights_digest(weights: list[npt.NDArray[Any]]) -> str:
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+class Coordinator:
+    """A federation's coordinator process (``confide coordinator start``)."""
+
+    def __init__(self, cfg: FederationConfig) -> None:
+        self.cfg = cfg
+        self.files = load_coordinator(cfg.coordinator_dir)
+        if self.files.federation != cfg.federation.name:
+            raise ConfigError(
+                "federation.name",
+                f"{cfg.federation.name!r} but the certificates in {cfg.coordinator_dir} are "
+                f"for {self.files.federation!r}",
+                "use the name given to `confide pki init`, or point server.coordinator_dir "
+                "at that federation's folder",
+            )
+        self.store = Store(cfg.state_dir)
+        self.store.bind(cfg.federation.name, cfg.federation.model)
+        self.board = RoundBoard(site_timeout=cfg.server.site_timeout_seconds)
+        self.chunk_bytes = int(cfg.server.chunk_mb * 1024 * 1024)
+        self.max_update_bytes = int(cfg.server.max_update_mb * 1024 * 1024)
+        self.strategy = make_strategy(cfg.federation.strategy, cfg.federation.server_lr)
+        self.stop_event = threading.Event()
+        self._models: OrderedDict[tuple[str, int], list[pb.Chunk]] = OrderedDict()
+        self._models_lock = threading.Lock()
+        self._traffic = {"up": 0, "down": 0}
+        self._traffic_lock = threading.Lock()
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+
+        checkpoint = self.store.latest_checkpoint()
+        if checkpoint is None:
+            self.names, self.weights = initial_model(cfg.federation.model, cfg.federation.seed)
+            self.store.save_checkpoint(0, self.names, self.weights)
+            self.next_round = 1
+            self.store.event("created", rnd=0, weights_sha256=weights_digest(self.weights))
+        else:
+            self.names, self.weights = checkpoint.names, checkpoint.weights
+            if isinstance(self.strategy, FedAdam):
+                self.strategy.load_state(checkpoint.strategy_state)
+            self.next_round = checkpoint.round + 1
+            self.store.event(
+                "resumed", rnd=checkpoint.round, weights_sha256=weights_digest(self.weights)
+            )
+            log.info("resuming after round %d from %s", checkpoint.round, self.store.path)
+        self.history = self._history_from_store()
+
+    # --- serving -----------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the gRPC server (mutual TLS only); returns the bound port."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.cfg.server.workers),
+            options=[
+                ("grpc.max_receive_message_length", 2 * self.chunk_bytes + (1 << 20)),
+                ("grpc.max_send_message_length", 2 * self.chunk_bytes + (1 << 20)),
+            ],
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
+            CoordinatorService(self, self.files.revocation_list()), server
+        )
+        port = int(server.add_secure_port(self.cfg.server.address, self.files.server_credentials()))
+        if port == 0:
+            raise ConfigError(
+                "server.address",
+                f"cannot listen on {self.cfg.server.address}",
+                "choose a free port, or an address of this machine",
+            )
+        server.start()
+        self.server, self.port = server, port
+        host = self.cfg.server.address.rsplit(":", 1)[0]
+        log.info(
+            "coordinator of %s listening on %s:%d (mutual TLS)",
+            self.cfg.federation.name,
+            host,
+            port,
+        )
+        self.store.event("listening", port=port)
+        return port
+
+    def shutdown(self, grace: float = 2.0) -> None:
+        self.stop_event.set()
+        self.board.finish()
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)
+        self.store.close()
+
+    def model_chunks(self, model_id: str, chunk_bytes: int) -> list[pb.Chunk] | None:
+        size = chunk_bytes if chunk_bytes > 0 else self.chunk_bytes
+        size = min(size, self.chunk_bytes)  # never above what the channel accepts
+        with self._models_lock:
+            key = (model_id, size)
+            if key in self._models:
+                return self._models[key]
+            base = next((k for k in self._models if k[0] == model_id), None)
+            if base is None:
+                return None
+        payload = _payload_from_chunks(self._models[base])
+        chunks = list(encode(payload, size))
+        with self._models_lock:
+            self._models[key] = chunks
+        return chunks
+
+    def _publish_model(self, rnd: int) -> str:
+        model_id = f"r{rnd}-{weights_digest(self.weights)[:12]}"
+        chunks = list(encode(Payload(model_id, self.names, self.weights), self.chunk_bytes))
+        with self._models_lock:
+            self._models[(model_id, self.chunk_bytes)] = chunks
+            while len(self._models) > 4:  # the current model and a few alternates
+                self._models.popitem(last=False)
+        return model_id
+
+    def traffic(self, direction: str, nbytes: int) -> None:
+        with self._traffic_lock:
+            self._traffic[direction] += nbytes
+
+    def traffic_bytes(self) -> dict[str, int]:
+        with self._traffic_lock:
+            return dict(self._traffic)
+
+    # --- validation of results ----------------------------------------------------------
+
+    def validate(self, task: TaskSpec, payload: Payload) -> None:
+        n = payload.metrics.get(NUM_EXAMPLES)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_EXAMPLES:
+            raise Rejected(f"metric {NUM_EXAMPLES!r} must be an integer in 0..{MAX_EXAMPLES}")
+        for key, value in payload.metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Rejected(f"metric {key!r} is not finite")
+        if task.kind is Kind.EVALUATE:
+            return
+        if n == 0:
+            raise Rejected("a training result must report at least one example")
+        if len(payload.arrays) != len(self.weights):
+            raise Rejected(f"{len(payload.arrays)} arrays, but the model has {len(self.weights)}")
+        for i, (got, ref) in enumerate(zip(payload.arrays, self.weights, strict=True)):
+            if got.shape != ref.shape:
+                raise Rejected(
+                    f"array {i} ({self.names[i]}) has shape {got.shape}, expected {ref.shape}"
+                )
+            if not np.issubdtype(got.dtype, np.floating) and np.issubdtype(ref.dtype, np.floating):
+                raise Rejected(f"array {i} ({self.names[i]}) has dtype {got.dtype}, expected float")
+        if not finite(payload.arrays):
+            raise Rejected("the update holds NaN or infinite values")
+
+    # --- the federation ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the remaining rounds; 0 when the federation finished, 1 when it could not."""
+        cfg = self.cfg
+        try:
+            for rnd in range(self.next_round, cfg.federation.rounds + 1):
+                if not self._run_round(rnd):
+                    return 1
+                if self.stop_event.is_set():
+                    log.info("stopped after round %d", rnd)
+                    return 0
+            if self.next_round > cfg.federation.rounds:
+                log.info(
+                    "federation %s already finished %d rounds",
+                    cfg.federation.name,
+                    cfg.federation.rounds,
+                )
+            self._finish()
+            return 0
+        except NotEnoughSites as e:
+            log.error("%s", e)
+            self.store.event("aborted", reason=str(e))
+            return 1
+
+    def _run_round(self, rnd: int) -> bool:
+        sel = self.cfg.selection
+        for attempt in range(1, sel.max_attempts + 1):
+            if self.stop_event.is_set():
+                return True
+            sites = self.board.wait_for_sites(
+                sel.min_sites, sel.wait_for_sites_seconds, self.stop_event
+            )
+            if self.stop_event.is_set():
+                return True
+            if len(sites) < sel.min_sites:
+                raise NotEnoughSites(
+                    f"round {rnd}: only {len(sites)} of the required {sel.min_sites} sites "
+                    f"connected within {sel.wait_for_sites_seconds:.0f} s. Fix: start more sites, "
+                    "or lower selection.min_sites"
+                )
+            rng = np.random.default_rng([self.cfg.federation.seed, rnd, attempt])
+            target = min(len(sites), max(sel.min_sites, round(sel.fraction * len(sites))))
+            k = min(len(sites), math.ceil(target * (1 + sel.over_selection)))
+            chosen = sorted(str(s) for s in rng.choice(sites, size=k, replace=False))
+            start = time.time()
+            self.store.round_started(rnd, attempt, chosen)
+            log.info(
+                "round %d/%d (attempt %d): training on %s (need %d, at least %d)",
+                rnd,
+                self.cfg.federation.rounds,
+                attempt,
+                ", ".join(chosen),
+                target,
+                sel.min_sites,
+            )
+            model_id = self._publish_model(rnd)
+            config: dict[str, Any] = {**self.cfg.train, "server-round": rnd}
+            phase = self.board.publish(
+                Kind.TRAIN,
+                rnd,
+                chosen,
+                model_id,
+                config,
+                target=target,
+                deadline_seconds=sel.deadline_seconds,
+            )
+            self.board.wait_phase(phase, self.stop_event)
+            if self.stop_event.is_set():
+                self.store.round_finished(rnd, attempt, "interrupted", failures=phase.failures)
+                return True
+            if len(phase.results) < sel.min_sites:
+                log.warning(
+                    "round %d attempt %d failed: %d result(s), %d needed; failures: %s",
+                    rnd,
+                    attempt,
+                    len(phase.results),
+                    sel.min_sites,
+                    phase.failures,
+                )
+                self.store.round_finished(
+                    rnd, attempt, "failed", succeeded=sorted(phase.results), failures=phase.failures
+                )
+                continue
+            self._complete_round(rnd, attempt, phase, start)
+            return True
+        raise NotEnoughSites(
+            f"round {rnd} failed {sel.max_attempts} times. Fix: check the sites' logs, raise "
+            "selection.deadline_seconds, or lower selection.min_sites"
+        )
+
+    def _complete_round(self, rnd: int, attempt: int, phase: Phase, start: float) -> None:
+        results = [
+            SiteResult(list(p.arrays), int(p.metrics[NUM_EXAMPLES]))  # validated int
+            for _, p in sorted(phase.results.items())
+        ]
+        self.weights = self.strategy.aggregate(self.weights, results)
+        train = weighted_metrics(
+            [(int(p.metrics[NUM_EXAMPLES]), _numbers(p.metrics)) for p in phase.results.values()]
+        )
+        evaluation = self._evaluate(rnd)
+        state = self.strategy.state() if isinstance(self.strategy, FedAdam) else None
+        self.store.save_checkpoint(rnd, self.names, self.weights, state)
+        self.store.round_finished(
+            rnd,
+            attempt,
+            "ok",
+            succeeded=sorted(phase.results),
+            failures=phase.failures,
+            train_metrics=train,
+            eval_metrics=evaluation,
+        )
+        self.store.event("checkpoint", rnd=rnd, weights_sha256=weights_digest(self.weights))
+        record = RoundRecord(
+            round=rnd,
+            sites_selected=len(phase.tasks),
+            sites_succeeded=len(phase.results),
+            train_loss=train.get("train_loss"),
+            train_accuracy=train.get("train_accuracy"),
+            train_examples=sum(int(p.metrics[NUM_EXAMPLES]) for p in phase.results.values()),
+            eval_loss=evaluation.get("eval_loss"),
+            eval_accuracy=evaluation.get("eval_accuracy"),
+            eval_examples=int(evaluation.get(NUM_EXAMPLES, 0)),
+            seconds=time.time() - start,
+            failures=[f"{s}: {r}" for s, r in sorted(phase.failures.items())],
+        )
+        self.history.add(record)
+        self.history.save(self.cfg.state_dir / "history.json")
+        acc = record.eval_accuracy
+        log.info(
+            "round %d/%d done: %d/%d sites, train loss %s, eval accuracy %s, %.1f s",
+            rnd,
+            self.cfg.federation.rounds,
+            record.sites_succeeded,
+            record.sites_selected,
+            f"{record.train_loss:.3f}" if record.train_loss is not None else "-",
+            f"{100 * acc:.1f}%" if acc is not None else "-",
+            record.seconds,
+        )
+
+    def _evaluate(self, rnd: int) -> dict[str, float]:
+        ev = self.cfg.evaluation
+        if ev.fraction <= 0 or rnd % ev.every != 0:
+            return {}
+        sites = self.board.connected()
+        if not sites:
+            return {}
+        rng = np.random.default_rng([self.cfg.federation.seed, rnd, 99])
+        k = max(1, round(ev.fraction * len(sites)))
+        chosen = sorted(str(s) for s in rng.choice(sites, size=k, replace=False))
+        model_id = self._publish_model(rnd)
+        phase = self.board.publish(
+            Kind.EVALUATE,
+            rnd,
+            chosen,
+            model_id,
+            {"server-round": rnd},
+            target=len(chosen),
+            deadline_seconds=ev.deadline_seconds,
+        )
+        self.board.wait_phase(phase, self.stop_event)
+        pairs = [
+            (int(p.metrics[NUM_EXAMPLES]), _numbers(p.metrics))
+            for p in phase.results.values()
+            if int(p.metrics[NUM_EXAMPLES]) > 0
+        ]
+        out = weighted_metrics(pairs)
+        out[NUM_EXAMPLES] = float(sum(n for n, _ in pairs))
+        out["sites"] = float(len(pairs))
+        return out
+
+    def _finish(self) -> None:
+        self.board.finish()
+        self.store.event("finished", rnd=self.cfg.federation.rounds)
+        log.info("federation %s finished; telling the sites to stop", self.cfg.federation.name)
+        from confide.sims.report import plot_history
+
+        if self.history.rounds:
+            plot_history(self.history, self.cfg.state_dir / "metrics.png")
+        end = time.monotonic() + 2 * self.cfg.server.max_poll_seconds
+        while time.monotonic() < end and not self.board.all_stopped():
+            time.sleep(0.2)
+
+    def _history_from_store(self) -> History:
+        history = History(task=self.cfg.federation.model, strategy=self.cfg.federation.strategy)
+        history.meta["federation"] = self.cfg.federation.name
+        for row in self.store.rounds():
+            if row.status != "ok":
+                continue
+            history.add(
+                RoundRecord(
+                    round=row.round,
+                    sites_selected=len(row.selected),
+                    sites_succeeded=len(row.succeeded),
+                    train_loss=row.train_metrics.get("train_loss"),
+                    train_accuracy=row.train_metrics.get("train_accuracy"),
+                    eval_loss=row.eval_metrics.get("eval_loss"),
+                    eval_accuracy=row.eval_metrics.get("eval_accuracy"),
+                    seconds=(row.finished or row.started) - row.started,
+                )
+            )
+        return history
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != NUM_EXAMPLES
+    }
+
+
+def _payload_from_chunks(chunks: list[pb.Chunk]) -> Payload:
+    from confide.wire import decode
+
+    return decode(chunks, max_bytes=sum(len(c.data) for c in chunks) + 1)
+
+
+def configure_logging(state_dir: Path, *, json_lines: bool = False) -> None:
+    """Log to stderr and to ``state_dir/coordinator.log`` (text or JSON lines)."""
+    logger = logging.getLogger("confide")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    fmt: logging.Formatter = (
+        _JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for handler in (
+        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(state_dir / "coordinator.log"),
+    ):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )

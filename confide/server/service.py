@@ -1,0 +1,205 @@
+"""The gRPC face of the coordinator: every call authenticated from the client certificate.
+
+Identity comes only from the mutual-TLS peer certificate, never from a message field;
+the revocation list is consulted on every call, so a revoked site is cut off at its
+next poll without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+
+from confide.privacy.crypto import (
+    CertificateRevokedError,
+    Identity,
+    NotAConfideIdentityError,
+    PeerNotAllowedError,
+    RevocationList,
+    authenticate_peer,
+)
+from confide.privacy.crypto.errors import PKIError
+from confide.protos.v1 import PROTOCOL_VERSION
+from confide.protos.v1 import coordinator_pb2 as pb
+from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.server.rounds import Kind, Rejected, RoundBoard, Session
+from confide.wire import WireError, decode, encode_records
+
+if TYPE_CHECKING:
+    from confide.server.coordinator import Coordinator
+
+log = logging.getLogger("confide.coordinator")
+
+_KIND = {Kind.TRAIN: pb.Task.TRAIN, Kind.EVALUATE: pb.Task.EVALUATE}
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Implements ``confide.v1.Coordinator`` on top of a :class:`Coordinator`."""
+
+    def __init__(self, coordinator: Coordinator, revocations: RevocationList | None) -> None:
+        self.c = coordinator
+        self.board: RoundBoard = coordinator.board
+        self.revocations = revocations
+
+    # --- authentication ----------------------------------------------------------------
+
+    def _identity(self, context: grpc.ServicerContext) -> Identity:
+        try:
+            return authenticate_peer(
+                context.auth_context(),
+                self.revocations,
+                federation=self.c.cfg.federation.name,
+                roles={"site"},
+            )
+        except CertificateRevokedError as e:
+            self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e), "revoked")
+        except PeerNotAllowedError as e:
+            self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e), "not-allowed")
+        except (NotAConfideIdentityError, PKIError) as e:
+            self._abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e), "unauthenticated")
+
+    def _abort(
+        self, context: grpc.ServicerContext, code: grpc.StatusCode, msg: str, why: str
+    ) -> NoReturn:
+        log.warning("refused call from %s: %s", context.peer(), msg)
+        self.c.store.event("refused", reason=why, peer=context.peer(), detail=msg)
+        context.abort(code, msg)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _session(self, session_id: str, ident: Identity, context: grpc.ServicerContext) -> Session:
+        session = self.board.session(session_id, ident.identity)
+        if session is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                "unknown session (the coordinator restarted or the site rejoined); join again",
+            )
+            raise AssertionError("unreachable")
+        return session
+
+    # --- calls -------------------------------------------------------------------------
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        ident = self._identity(context)
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not supported; this "
+                f"coordinator speaks version {PROTOCOL_VERSION}. Upgrade the site's confide",
+            )
+        session = self.board.join(ident.identity, ident.serial)
+        self.c.store.site_seen(ident.identity, ident.role, f"{ident.serial:x}", session.session_id)
+        self.c.store.event("join", site_id=ident.identity, software=request.software)
+        log.info("site %s joined (%s)", ident.identity, request.software or "unknown software")
+        return pb.JoinReply(
+            protocol_version=PROTOCOL_VERSION,
+            federation=self.c.cfg.federation.name,
+            site_id=ident.identity,
+            session_id=session.session_id,
+            heartbeat_seconds=self.c.cfg.server.heartbeat_seconds,
+            chunk_bytes=self.c.chunk_bytes,
+        )
+
+    def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        ident = self._identity(context)
+        session = self._session(request.session_id, ident, context)
+        limit = self.c.cfg.server.max_poll_seconds
+        wait = min(request.wait_seconds, limit) if request.wait_seconds > 0 else limit
+        task = self.board.next_task(session, wait)
+        if task is False:
+            return pb.Task(kind=pb.Task.STOP)
+        if task is None or task is True:
+            return pb.Task(kind=pb.Task.WAIT)
+        log.info(
+            "round %d: %s task %s -> %s", task.round, task.kind.value, task.task_id, task.site_id
+        )
+        return pb.Task(
+            task_id=task.task_id,
+            kind=_KIND[task.kind],
+            round=task.round,
+            model_id=task.model_id,
+            config=encode_records(task.config),
+            deadline_unix=task.deadline,
+        )
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        ident = self._identity(context)
+        self._session(request.session_id, ident, context)
+        chunks = self.c.model_chunks(request.model_id, request.chunk_bytes)
+        if chunks is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_id!r} (round over)")
+        self.c.traffic("down", sum(c.ByteSize() for c in chunks or ()))
+        yield from chunks or ()
+
+    def UploadResult(
+        self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        ident = self._identity(context)
+        session = self.board.session_for_site(ident.identity)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; join again")
+            raise AssertionError("unreachable")
+        counted = _Counting(request_iterator)
+        try:
+            payload = decode(counted, max_bytes=self.c.max_update_bytes)
+            task = self.board.submit(session, payload, self.c.validate)
+        except (WireError, Rejected) as e:
+            reason = str(e)
+            log.warning("rejected result from %s: %s", ident.identity, reason)
+            self.c.store.event("rejected", site_id=ident.identity, reason=reason)
+            self.c.store.site_result(ident.identity, False, reason)
+            return pb.UploadReply(accepted=False, reason=reason, bytes_received=counted.bytes)
+        finally:
+            self.c.traffic("up", counted.bytes)
+        self.c.store.site_result(ident.identity, True)
+        log.info(
+            "round %d: %s result from %s accepted (%.1f MB)",
+            task.round,
+            task.kind.value,
+            ident.identity,
+            counted.bytes / 1e6,
+        )
+        return pb.UploadReply(accepted=True, bytes_received=counted.bytes)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        ident = self._identity(context)
+        session = self._session(request.session_id, ident, context)
+        cancel = bool(request.task_id) and self.board.cancel_requested(session, request.task_id)
+        return pb.HeartbeatReply(cancel_task=cancel)
+
+    def ReportError(self, request: pb.SiteError, context: grpc.ServicerContext) -> pb.Ack:
+        ident = self._identity(context)
+        session = self._session(request.session_id, ident, context)
+        reason = f"{request.code}: {request.message}"
+        self.board.report_failure(session, request.task_id, reason)
+        self.c.store.site_result(ident.identity, False, reason)
+        self.c.store.event(
+            "site_error", site_id=ident.identity, task=request.task_id, reason=reason
+        )
+        log.warning("site %s could not do %s: %s", ident.identity, request.task_id, reason)
+        return pb.Ack()
+
+
+class _Counting:
+    """Iterates a request stream and counts its bytes on the wire (for the transport figures)."""
+
+    def __init__(self, it: Iterator[pb.Chunk]) -> None:
+        self.it = it
+        self.bytes = 0
+
+    def __iter__(self) -> _Counting:
+        return self
+
+    def __next__(self) -> pb.Chunk:
+        chunk = next(self.it)
+        self.bytes += chunk.ByteSize()
+        return chunk
+
+
+ServiceFactory = Callable[["Coordinator"], CoordinatorService]
