@@ -96,7 +96,7 @@ def _status(args: argparse.Namespace) -> int:
     summary = {
         "federation": cfg.federation.name,
         "rounds_planned": cfg.federation.rounds,
-        "rounds_completed": len({r.round for r in done}),
+        "rounds_completed": len({r.round for r in done if r.round > 0}),
         "last_checkpoint": events[-1]["round"] if events else 0,
         "last_eval_accuracy": last_acc,
         "sites_connected": sum(1 for s in sites if now - s.last_seen <= timeout),

@@ -241,6 +241,8 @@ class Coordinator:
         """Run the remaining rounds; 0 when the federation finished, 1 when it could not."""
         cfg = self.cfg
         try:
+            if self.next_round == 1 and cfg.evaluation.fraction > 0:
+                self._baseline()
             for rnd in range(self.next_round, cfg.federation.rounds + 1):
                 if not self._run_round(rnd):
                     return 1
@@ -259,6 +261,33 @@ class Coordinator:
             log.error("%s", e)
             self.store.event("aborted", reason=str(e))
             return 1
+
+    def _baseline(self) -> None:
+        """Federated evaluation of the initial model (round 0), the yardstick of progress."""
+        sel = self.cfg.selection
+        sites = self.board.wait_for_sites(
+            sel.min_sites, sel.wait_for_sites_seconds, self.stop_event
+        )
+        if len(sites) < sel.min_sites or self.stop_event.is_set():
+            return  # the first round reports the shortage
+        start = time.time()
+        self.store.round_started(0, 1, sites)
+        evaluation = self._evaluate(0)
+        self.store.round_finished(0, 1, "ok", eval_metrics=evaluation)
+        record = RoundRecord(
+            round=0,
+            eval_loss=evaluation.get("eval_loss"),
+            eval_accuracy=evaluation.get("eval_accuracy"),
+            eval_examples=int(evaluation.get(NUM_EXAMPLES, 0)),
+            seconds=time.time() - start,
+        )
+        self.history.add(record)
+        self.history.save(self.cfg.state_dir / "history.json")
+        acc = record.eval_accuracy
+        log.info(
+            "round 0 (initial model): eval accuracy %s",
+            f"{100 * acc:.1f}%" if acc is not None else "-",
+        )
 
     def _run_round(self, rnd: int) -> bool:
         sel = self.cfg.selection

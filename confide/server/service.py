@@ -8,6 +8,7 @@ next poll without a restart.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NoReturn
 
@@ -43,6 +44,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.c = coordinator
         self.board: RoundBoard = coordinator.board
         self.revocations = revocations
+        self._touched: dict[str, float] = {}
 
     # --- authentication ----------------------------------------------------------------
 
@@ -105,6 +107,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         ident = self._identity(context)
         session = self._session(request.session_id, ident, context)
+        now = time.monotonic()
+        if now - self._touched.get(ident.identity, 0.0) > 5.0:  # throttled: one write per 5 s
+            self._touched[ident.identity] = now
+            self.c.store.touch(ident.identity)
         limit = self.c.cfg.server.max_poll_seconds
         wait = min(request.wait_seconds, limit) if request.wait_seconds > 0 else limit
         task = self.board.next_task(session, wait)

@@ -180,6 +180,11 @@ class Store:
                 (site_id, role, serial, now, now, session_id),
             )
 
+    def touch(self, site_id: str) -> None:
+        """Record that a site was heard from (for `coordinator status` in another process)."""
+        with self._tx() as db:
+            db.execute("UPDATE sites SET last_seen = ? WHERE site_id = ?", (time.time(), site_id))
+
     def site_result(self, site_id: str, ok: bool, error: str | None = None) -> None:
         column = "tasks_done" if ok else "tasks_failed"
         with self._tx() as db:
