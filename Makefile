@@ -13,7 +13,7 @@ DEMO_OUT   ?= runs/demo
 .PHONY: demo test lint protos bench bench-smoke format clean help
 
 help:
-	@echo "make demo   - set up .venv and run a small federation (MNIST CNN, 3 sites, 3 rounds)"
+	@echo "make demo   - set up .venv and run a real local federation: coordinator + 3 sites over mTLS"
 	@echo "make test   - set up .venv with dev extras, lint, type-check and run the whole test suite"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - the benchmarks in benchmarks/ (long: tens of minutes on 2 cores)"
@@ -32,9 +32,10 @@ $(DEV_STAMP): pyproject.toml $(BASE_STAMP)
 	$(PIP) install --quiet -e ".[dev]"
 	@touch $@
 
+# A real federation on loopback: PKI and kits, a coordinator and three site processes
+# talking mutual TLS, MNIST CNN on a Dirichlet(0.5) split, 3 rounds.
 demo: $(BASE_STAMP)
-	$(BIN)/confide sim run --task mnist-cnn --sites 3 --rounds 3 --partition dirichlet:0.5 \
-		--max-samples-per-site 2000 --out $(DEMO_OUT)
+	$(BIN)/confide demo --out $(DEMO_OUT)
 
 test: $(DEV_STAMP) lint
 	$(BIN)/python -m pytest

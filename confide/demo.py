@@ -66,7 +66,8 @@ strategy = "fedavg"
 seed = 0
 
 [selection]
-min_sites = {max(1, sites - 1)}
+min_sites = {max(1, sites - 1)}      # a round still counts if one site drops out
+expected_sites = {sites}  # wait for everyone before the first round
 fraction = 1.0
 deadline_seconds = 300
 wait_for_sites_seconds = 120

@@ -36,7 +36,12 @@ def test_stubs_import_and_describe_the_coordinator_service() -> None:
     assert PROTOCOL_VERSION == 1
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
     assert {m.name for m in service.methods} == {
-        "Join", "PullTask", "DownloadModel", "UploadResult", "Heartbeat", "ReportError",
+        "Join",
+        "PullTask",
+        "DownloadModel",
+        "UploadResult",
+        "Heartbeat",
+        "ReportError",
     }
     assert hasattr(coordinator_pb2_grpc, "CoordinatorServicer")
     chunk = coordinator_pb2.Chunk(data=b"\x00" * 8)

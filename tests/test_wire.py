@@ -52,7 +52,7 @@ def test_float32_costs_four_bytes_per_parameter_on_the_wire() -> None:
 
 
 def _tamper(chunks: list[pb.Chunk], index: int, new: pb.Chunk) -> list[pb.Chunk]:
-    return [*chunks[:index], new, *chunks[index + 1:]]
+    return [*chunks[:index], new, *chunks[index + 1 :]]
 
 
 def test_malformed_streams_are_rejected_with_the_reason() -> None:

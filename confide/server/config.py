@@ -43,6 +43,13 @@ class FederationSection(_Section):
 class SelectionSection(_Section):
     min_sites: int = Field(2, ge=1, json_schema_extra=_fix("use a whole number >= 1"))
     fraction: float = Field(1.0, gt=0, le=1, json_schema_extra=_fix("use a fraction in (0, 1]"))
+    expected_sites: int = Field(
+        0,
+        ge=0,
+        json_schema_extra=_fix(
+            "use the number of sites to wait for before the first round (0: just min_sites)"
+        ),
+    )
     over_selection: float = Field(
         0.0,
         ge=0,

@@ -136,6 +136,7 @@ class Coordinator:
             )
             log.info("resuming after round %d from %s", checkpoint.round, self.store.path)
         self.history = self._history_from_store()
+        self._first_round = self.next_round
 
     # --- serving -----------------------------------------------------------------------
 
@@ -262,11 +263,16 @@ class Coordinator:
             self.store.event("aborted", reason=str(e))
             return 1
 
+    def _sites_needed(self, rnd: int) -> int:
+        sel = self.cfg.selection
+        # Before the first round of this process, give every expected site time to join.
+        return max(sel.min_sites, sel.expected_sites if rnd <= self._first_round else 0)
+
     def _baseline(self) -> None:
         """Federated evaluation of the initial model (round 0), the yardstick of progress."""
         sel = self.cfg.selection
         sites = self.board.wait_for_sites(
-            sel.min_sites, sel.wait_for_sites_seconds, self.stop_event
+            self._sites_needed(0), sel.wait_for_sites_seconds, self.stop_event
         )
         if len(sites) < sel.min_sites or self.stop_event.is_set():
             return  # the first round reports the shortage
@@ -295,7 +301,7 @@ class Coordinator:
             if self.stop_event.is_set():
                 return True
             sites = self.board.wait_for_sites(
-                sel.min_sites, sel.wait_for_sites_seconds, self.stop_event
+                self._sites_needed(rnd), sel.wait_for_sites_seconds, self.stop_event
             )
             if self.stop_event.is_set():
                 return True
