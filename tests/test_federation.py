@@ -43,7 +43,7 @@ def _join(address: str, creds: grpc.ChannelCredentials) -> pb.JoinReply:
 
 def test_two_sites_two_rounds_accuracy_rises(tmp_path: Path) -> None:
     fed = make_federation(tmp_path)
-    with running_coordinator(fed) as (coordinator, codes):
+    with running_coordinator(fed) as (_coordinator, codes):
         for i, name in enumerate(("site-1", "site-2")):
             fed.start_agent(fed.agent(name, i, 2))
         _wait(lambda: codes, 240, "the federation to finish")
@@ -114,7 +114,7 @@ def test_a_revoked_site_is_refused_at_join_and_on_its_next_call(tmp_path: Path) 
                 stub.PullTask(pb.PullTaskRequest(session_id=session.session_id), timeout=5)
             assert call.value.code() == grpc.StatusCode.PERMISSION_DENIED
         agent = fed.agent("site-2", 1, 2)
-        with pytest.raises(SiteRefused, match="PERMISSION_DENIED|revoked"):
+        with pytest.raises(SiteRefused, match=r"PERMISSION_DENIED|revoked"):
             agent.run(max_attempts=3)
 
 
@@ -159,7 +159,7 @@ def test_a_site_killed_mid_round(tmp_path: Path, min_sites: int) -> None:
     )
     victim = fed.site_process("site-3", 2, 3)
     try:
-        with running_coordinator(fed) as (coordinator, codes):
+        with running_coordinator(fed) as (_coordinator, codes):
             for i, name in enumerate(("site-1", "site-2")):
                 fed.start_agent(fed.agent(name, i, 3, **{"max-samples-per-site": 1500}))
             _wait_for_line(victim, "train task", 120)
@@ -171,7 +171,7 @@ def test_a_site_killed_mid_round(tmp_path: Path, min_sites: int) -> None:
             victim.kill()
     store = Store(tmp_path / "state")
     try:
-        row = [r for r in store.rounds() if r.round == 1][0]
+        row = next(r for r in store.rounds() if r.round == 1)
     finally:
         store.close()
     assert "site-3" in row.failures
@@ -289,7 +289,7 @@ def test_a_flower_only_clientapp_trains_through_the_coordinator(tmp_path: Path) 
         fed = make_federation(tmp_path / "fed", model="flower_only_app:make_model", rounds=2)
         fed.doc["train"] = {"lr": 0.05}
         app = load_app("flower_only_app:app", app_dir=app_dir)
-        with running_coordinator(fed) as (coordinator, codes):
+        with running_coordinator(fed) as (_coordinator, codes):
             for i, name in enumerate(("site-1", "site-2")):
                 agent: SiteAgent = fed.agent(name, i, 2, app=app)
                 fed.start_agent(agent)
