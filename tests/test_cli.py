@@ -135,3 +135,21 @@ def test_console_script_runs_a_small_federation(tmp_path: Path) -> None:
     assert history["meta"]["config"]["seed"] == 3
     assert (out / "metrics.png").stat().st_size > 10_000
     assert "round   1/1" in proc.stderr
+
+
+def test_coordinator_config_errors_name_the_field_and_the_fix(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    cfg = tmp_path / "federation.toml"
+    cfg.write_text('[federation]\nname = "fed"\nrounds = 0\n')
+    code, _, err = _run(capsys, "coordinator", "start", "--config", str(cfg))
+    assert code == 2
+    assert "confide: error: federation.rounds: Input should be greater than or equal to 1" in err
+    assert "Fix: use a whole number of rounds >= 1" in err
+    cfg.write_text('[federation]\nname = "fed"\n[selection]\nmin_site = 2\n')
+    code, _, err = _run(capsys, "coordinator", "start", "--config", str(cfg))
+    assert code == 2 and "selection.min_site: unknown setting" in err and "min_sites" in err
+    cfg.write_text('[federation]\nname = "fed"\n[server]\ncoordinator_dir = "nowhere"\n')
+    code, _, err = _run(capsys, "coordinator", "start", "--config", str(cfg))
+    assert code == 2 and "no such coordinator folder" in err and "confide pki init" in err
+    assert len(err.strip().splitlines()) == 1

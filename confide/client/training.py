@@ -11,7 +11,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -122,6 +121,3 @@ def evaluate(model: nn.Module, data: ArrayDataset, *, batch_size: int = 256) -> 
         targets += flat_y.numel()
     return EvalResult(total_loss / targets, correct / targets, len(data))
 
-
-def as_numpy(values: list[torch.Tensor]) -> list[np.ndarray]:
-    return [v.detach().cpu().numpy() for v in values]
