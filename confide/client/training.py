@@ -120,4 +120,3 @@ def evaluate(model: nn.Module, data: ArrayDataset, *, batch_size: int = 256) -> 
         correct += int((logits.argmax(dim=-1) == flat_y).sum())
         targets += flat_y.numel()
     return EvalResult(total_loss / targets, correct / targets, len(data))
-

@@ -118,7 +118,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return pb.Task(kind=pb.Task.STOP)
         if task is None or task is True:
             return pb.Task(kind=pb.Task.WAIT)
-        log.info(
+        log.debug(
             "round %d: %s task %s -> %s", task.round, task.kind.value, task.task_id, task.site_id
         )
         return pb.Task(
