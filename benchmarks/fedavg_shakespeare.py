@@ -1,7 +1,8 @@
 """Shakespeare next-character prediction with FedAvg, one client per speaking role.
 
 McMahan et al. 2017: the two-layer 256-unit character LSTM, clients = speaking roles,
-C = 0.1, E = 1, B = 10, about 54 % next-character accuracy. This script reports the
+C = 0.1, E = 1, B = 10, about 54 % next-character accuracy. Here E = 5 by default (see
+--epochs) and SGD with momentum 0.9 (the task's default). This script reports the
 accuracy after a fixed number of rounds and the first round reaching 54 %, if any.
 Accuracy is per character over held-out sequences (the last 20 % of each role's text),
 capped at --max-test-samples sequences for speed.
@@ -38,7 +39,10 @@ def main() -> None:
     p.add_argument("--task", default="shakespeare-lstm")
     p.add_argument("--clients", type=int, default=None, help="roles used (default: all)")
     p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=1)
+    # Our sequences are non-overlapping 80-character windows with a target at every
+    # position, so one local epoch makes 80x fewer SGD steps than the paper's stride-1
+    # windows (LEAF); 5 epochs recover part of that difference.
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=None, help="local lr (task default)")
     p.add_argument("--rounds", type=int, default=40)
