@@ -1156,8 +1156,9 @@ def main() -> int:
                 print(
                     f"  target <= {TARGET_ROUND_S:g} s/round at 50 sites ({r['agents']}, eval "
                     f"{r['eval_fraction']:g}): {r['round_median_s']:.2f} s -> {verdict}; the "
-                    f"coordinator process alone used {r['coordinator_cpu_s_per_round']:.2f} CPU s "
+                    f"coordinator's process used {r['coordinator_cpu_s_per_round']:.2f} CPU s "
                     "per round"
+                    + (" (the 50 agents included)" if r["agents"] == "threads" else " (alone)")
                 )
         phases = [lab for lab in _PHASE_ORDER if any(lab in r["phases_median_s"] for r in runs)]
         phases.append("other (selection, metrics, locks)")

@@ -119,11 +119,12 @@ def encode(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
     pending = bytearray()
     for a in arrays:
         view = a.reshape(-1).view(np.uint8)
-        digest.update(view.data)
         offset = 0
         while offset < len(view):
             room = chunk_bytes - len(pending)
             piece = view[offset : offset + room]
+            # Hash piece by piece, so the first chunk leaves before the last is hashed.
+            digest.update(piece.data)
             if not pending and len(piece) == chunk_bytes:
                 yield pb.Chunk(data=piece.tobytes())
             else:
@@ -137,11 +138,24 @@ def encode(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
     yield pb.Chunk(sha256=digest.digest())
 
 
+@dataclass
+class StreamStats:
+    """Bytes of a stream as serialized on the wire, counted while decoding it."""
+
+    wire_bytes: int = 0
+
+
+def _data_part_size(n: int) -> int:
+    # Serialized size of a Chunk whose `data` holds n bytes: tag, length varint, bytes.
+    return 1 + max(1, (n.bit_length() + 6) // 7) + n
+
+
 def decode(
     chunks: Iterable[pb.Chunk],
     *,
     max_bytes: int,
     expect: Sequence[tuple[str, tuple[int, ...]]] | None = None,
+    stats: StreamStats | None = None,
 ) -> Payload:
     """Reassemble a stream into a :class:`Payload`, validating every part.
 
@@ -149,10 +163,12 @@ def decode(
     exhaust memory); ``expect`` (names and shapes of the model) rejects an update for
     a different model before any data is read.
     """
+    stats = stats if stats is not None else StreamStats()
     it = iter(chunks)
     first = next(it, None)
     if first is None or first.WhichOneof("part") != "manifest":
         raise WireError("a stream must start with a manifest")
+    stats.wire_bytes += first.ByteSize()
     manifest = first.manifest
     if manifest.total_bytes > max_bytes:
         raise WireError(
@@ -176,8 +192,9 @@ def decode(
                 "the arrays do not match the federation's model "
                 f"({len(got)} arrays vs {len(expect)} expected, or shapes differ)"
             )
-    buffer = bytearray(manifest.total_bytes)
-    view = memoryview(buffer)
+    # Uninitialised on purpose: every byte is either written below or the stream fails.
+    buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+    hasher = hashlib.sha256()
     received = 0
     digest: bytes | None = None
     for chunk in it:
@@ -185,30 +202,34 @@ def decode(
         if part == "data":
             if digest is not None:
                 raise WireError("data after the digest")
-            n = len(chunk.data)
+            data = chunk.data  # one read: upb copies the bytes on every access
+            n = len(data)
+            stats.wire_bytes += _data_part_size(n)
             if received + n > manifest.total_bytes:
                 raise WireError(
                     f"more data than the manifest announced ({manifest.total_bytes} bytes)"
                 )
-            view[received : received + n] = chunk.data
+            buffer[received : received + n] = np.frombuffer(data, dtype=np.uint8)
+            hasher.update(data)
             received += n
         elif part == "sha256":
             if digest is not None:
                 raise WireError("two digests in one stream")
             digest = chunk.sha256
+            stats.wire_bytes += chunk.ByteSize()
         else:
             raise WireError(f"unexpected {part or 'empty'} part inside a stream")
     if received != manifest.total_bytes:
         raise WireError(f"stream ended after {received} of {manifest.total_bytes} bytes")
     if digest is None:
         raise WireError("stream ended without its SHA-256 digest")
-    if hashlib.sha256(buffer).digest() != digest:
+    if hasher.digest() != digest:
         raise WireError("SHA-256 mismatch: the data was corrupted in transit")
     arrays: list[npt.NDArray[Any]] = []
     offset = 0
     for h in headers:
         a = np.frombuffer(
-            buffer,
+            buffer.data,
             dtype=np.dtype(h.dtype),
             count=int(np.prod(h.shape, dtype=np.int64)),
             offset=offset,

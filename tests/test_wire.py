@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confide.protos.v1 import coordinator_pb2 as pb
-from confide.wire import Payload, WireError, decode, encode
+from confide.wire import Payload, StreamStats, WireError, decode, encode
 
 MB = 1 << 20
 
@@ -111,3 +111,10 @@ def test_object_arrays_cannot_be_sent() -> None:
     p = Payload(task_id="t", names=["o"], arrays=[np.array([object()], dtype=object)])
     with pytest.raises(WireError, match="does not carry"):
         list(encode(p))
+
+
+def test_decode_counts_the_serialized_bytes_of_the_stream() -> None:
+    chunks = list(encode(_payload(), 100_000))
+    stats = StreamStats()
+    decode(chunks, max_bytes=16 * MB, stats=stats)
+    assert stats.wire_bytes == sum(c.ByteSize() for c in chunks)

@@ -47,7 +47,8 @@ from confide.wire import Payload, encode
 log = logging.getLogger("confide.coordinator")
 
 NUM_EXAMPLES = "num-examples"
-MAX_EXAMPLES = 10**9  # a site claiming more is lying or broken; it would dominate the mean
+MAX_EXAMPLES = 10**9
+MIN_CHUNK_BYTES = 64 * 1024  # a site claiming more is lying or broken; it would dominate the mean
 
 
 class NotEnoughSites(ConfideError, RuntimeError):
@@ -113,7 +114,7 @@ class Coordinator:
         self.max_update_bytes = int(cfg.server.max_update_mb * 1024 * 1024)
         self.strategy = make_strategy(cfg.federation.strategy, cfg.federation.server_lr)
         self.stop_event = threading.Event()
-        self._models: OrderedDict[tuple[str, int], list[pb.Chunk]] = OrderedDict()
+        self._models: OrderedDict[tuple[str, int], tuple[list[pb.Chunk], int]] = OrderedDict()
         self._models_lock = threading.Lock()
         self._traffic = {"up": 0, "down": 0}
         self._traffic_lock = threading.Lock()
@@ -178,29 +179,38 @@ class Coordinator:
             self.server.stop(grace).wait(grace + 1)
         self.store.close()
 
-    def model_chunks(self, model_id: str, chunk_bytes: int) -> list[pb.Chunk] | None:
+    def model_chunks(self, model_id: str, chunk_bytes: int) -> tuple[list[pb.Chunk], int] | None:
+        """The encoded chunks of a published model and their serialized size, or None.
+
+        A site may ask for smaller chunks (a slow or lossy link); sizes are clamped to
+        [64 KiB, server chunk size] so no caller can make the cache explode.
+        """
         size = chunk_bytes if chunk_bytes > 0 else self.chunk_bytes
-        size = min(size, self.chunk_bytes)  # never above what the channel accepts
+        size = max(MIN_CHUNK_BYTES, min(size, self.chunk_bytes))
         with self._models_lock:
-            key = (model_id, size)
-            if key in self._models:
-                return self._models[key]
-            base = next((k for k in self._models if k[0] == model_id), None)
-            if base is None:
-                return None
-        payload = _payload_from_chunks(self._models[base])
-        chunks = list(encode(payload, size))
+            cached = self._models.get((model_id, size))
+            if cached is not None:
+                return cached
+            base = next((v for k, v in self._models.items() if k[0] == model_id), None)
+        if base is None:
+            return None
+        chunks = list(encode(_payload_from_chunks(base[0]), size))
+        entry = (chunks, sum(c.ByteSize() for c in chunks))
         with self._models_lock:
-            self._models[key] = chunks
-        return chunks
+            self._models[(model_id, size)] = entry
+            self._trim_models()
+        return entry
+
+    def _trim_models(self) -> None:
+        while len(self._models) > 4:  # the current model and a few chunkings of it
+            self._models.popitem(last=False)
 
     def _publish_model(self, rnd: int) -> str:
         model_id = f"r{rnd}-{weights_digest(self.weights)[:12]}"
         chunks = list(encode(Payload(model_id, self.names, self.weights), self.chunk_bytes))
         with self._models_lock:
-            self._models[(model_id, self.chunk_bytes)] = chunks
-            while len(self._models) > 4:  # the current model and a few alternates
-                self._models.popitem(last=False)
+            self._models[(model_id, self.chunk_bytes)] = (chunks, sum(c.ByteSize() for c in chunks))
+            self._trim_models()
         return model_id
 
     def traffic(self, direction: str, nbytes: int) -> None:

@@ -285,9 +285,14 @@ class RoundBoard:
                 self._cv.notify_all()
 
     def cancel_requested(self, session: Session, task_id: str) -> bool:
+        """True when the site's work on ``task_id`` is no longer wanted."""
         with self._cv:
             phase = self._phase
-            return phase is None or phase.closed or task_id not in phase.tasks
+            if phase is None or task_id not in phase.tasks:
+                return True
+            if session.site_id in phase.results:
+                return False  # already delivered: nothing to cancel
+            return phase.closed
 
     def finish(self) -> None:
         """The federation is over: every poll now answers STOP."""

@@ -27,7 +27,7 @@ from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
 from confide.server.rounds import Kind, Rejected, RoundBoard, Session
-from confide.wire import WireError, decode, encode_records
+from confide.wire import StreamStats, WireError, decode, encode_records
 
 if TYPE_CHECKING:
     from confide.server.coordinator import Coordinator
@@ -135,11 +135,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> Iterator[pb.Chunk]:
         ident = self._identity(context)
         self._session(request.session_id, ident, context)
-        chunks = self.c.model_chunks(request.model_id, request.chunk_bytes)
-        if chunks is None:
+        found = self.c.model_chunks(request.model_id, request.chunk_bytes)
+        if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_id!r} (round over)")
-        self.c.traffic("down", sum(c.ByteSize() for c in chunks or ()))
-        yield from chunks or ()
+            return
+        chunks, size = found
+        self.c.traffic("down", size)
+        yield from chunks
 
     def UploadResult(
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
@@ -149,27 +151,27 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; join again")
             raise AssertionError("unreachable")
-        counted = _Counting(request_iterator)
+        counted = StreamStats()
         try:
-            payload = decode(counted, max_bytes=self.c.max_update_bytes)
+            payload = decode(request_iterator, max_bytes=self.c.max_update_bytes, stats=counted)
             task = self.board.submit(session, payload, self.c.validate)
         except (WireError, Rejected) as e:
             reason = str(e)
             log.warning("rejected result from %s: %s", ident.identity, reason)
             self.c.store.event("rejected", site_id=ident.identity, reason=reason)
             self.c.store.site_result(ident.identity, False, reason)
-            return pb.UploadReply(accepted=False, reason=reason, bytes_received=counted.bytes)
+            return pb.UploadReply(accepted=False, reason=reason, bytes_received=counted.wire_bytes)
         finally:
-            self.c.traffic("up", counted.bytes)
+            self.c.traffic("up", counted.wire_bytes)
         self.c.store.site_result(ident.identity, True)
         log.info(
             "round %d: %s result from %s accepted (%.1f MB)",
             task.round,
             task.kind.value,
             ident.identity,
-            counted.bytes / 1e6,
+            counted.wire_bytes / 1e6,
         )
-        return pb.UploadReply(accepted=True, bytes_received=counted.bytes)
+        return pb.UploadReply(accepted=True, bytes_received=counted.wire_bytes)
 
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
@@ -190,22 +192,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
         log.warning("site %s could not do %s: %s", ident.identity, request.task_id, reason)
         return pb.Ack()
-
-
-class _Counting:
-    """Iterates a request stream and counts its bytes on the wire (for the transport figures)."""
-
-    def __init__(self, it: Iterator[pb.Chunk]) -> None:
-        self.it = it
-        self.bytes = 0
-
-    def __iter__(self) -> _Counting:
-        return self
-
-    def __next__(self) -> pb.Chunk:
-        chunk = next(self.it)
-        self.bytes += chunk.ByteSize()
-        return chunk
 
 
 ServiceFactory = Callable[["Coordinator"], CoordinatorService]
