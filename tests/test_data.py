@@ -79,7 +79,7 @@ def test_default_data_dir_finds_shared_data_beside_the_checkout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("CONFIDE_DATA_DIR", raising=False)
-    assert default_data_dir() == DATA
+    assert default_data_dir().resolve() == DATA.resolve()
 
 
 def test_env_var_overrides_default_and_must_exist(
