@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from confide.client.data import PartitionSpec
 from confide.client.tasks import TASKS, DataSettings, Task, get_task
 from confide.config import first_error, load_toml
-from confide.errors import ConfideError, ConfigError
+from confide.errors import ConfigError
 
 
 def _fix(text: str) -> Any:
@@ -159,4 +159,4 @@ class SimRunConfig(BaseModel):
             raise first_error(e, cls, flag_fields=flags) from None
 
 
-__all__ = ["ConfideError", "SimRunConfig"]
+__all__ = ["SimRunConfig"]
