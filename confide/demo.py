@@ -130,6 +130,7 @@ def run_demo(
     verbose_sites: bool = False,
 ) -> int:
     """Run the demo federation; returns the coordinator's exit code."""
+    out = out.resolve()  # the children run inside `out`, so every path must be absolute
     if out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True)

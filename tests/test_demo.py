@@ -22,7 +22,7 @@ def _processes_mentioning(text: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if text in line and "ps -eo" not in line]
 
 
-def _demo(out: Path, *extra: str) -> subprocess.Popen[str]:
+def _demo(out: Path, *extra: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -40,13 +40,14 @@ def _demo(out: Path, *extra: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
 def test_demo_runs_a_networked_federation_and_says_where_things_are(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = _demo(out, "--rounds", "2")
+    proc = _demo(Path("demo"), "--rounds", "2", cwd=tmp_path)  # relative, as `make demo` gives it
     stdout, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, stdout[-3000:]
     assert "listening on 127.0.0.1" in stdout and "(mutual TLS)" in stdout
