@@ -32,6 +32,7 @@ def plot_history(history: History, path: Path) -> Path:
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"{history.task}: accuracy")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title=f"{history.task}: loss")
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
