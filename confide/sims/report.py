@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: sites and CI machines have no display
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from confide.server.history import History
 
