@@ -17,6 +17,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+def fix(text: str) -> Any:
+    """``json_schema_extra`` for a field: the advice :func:`first_error` prints with it."""
+    return {"fix": text}
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; a missing or malformed file is a :class:`ConfigError`."""
     if not path.is_file():

@@ -22,6 +22,8 @@ from confide.errors import ConfideError
 from confide.protos.v1 import coordinator_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+# The metric Flower's strategies (and ours) weight results by.
+NUM_EXAMPLES = "num-examples"
 # Dtypes a model or an update may use; object and string arrays never cross the wire.
 ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "<u4", "<i4", "<i8", "|u1", "|i1", "|b1"})
 

@@ -21,6 +21,7 @@ from confide.privacy.crypto import init_ca, issue, load_kit, revoke
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.server.coordinator import Coordinator
 from confide.server.store import Store
 
 pytestmark = pytest.mark.slow
@@ -307,3 +308,26 @@ def test_an_unreachable_coordinator_gives_up_after_bounded_attempts(tmp_path: Pa
     agent = fed.agent("site-1", 0, 2)
     with pytest.raises(CoordinatorUnreachable):
         agent.run(max_attempts=2)
+
+
+def test_a_model_is_served_in_the_chunk_size_a_site_asks_for_within_bounds(
+    tmp_path: Path,
+) -> None:
+    from confide.wire import decode
+
+    fed = make_federation(tmp_path, rounds=1)
+    coordinator = Coordinator(fed.config())
+    try:
+        model_id = coordinator._publish_model(1)
+        default, _ = coordinator.model_chunks(model_id, 0) or ([], 0)
+        small, size = coordinator.model_chunks(model_id, 100_000) or ([], 0)
+        tiny, _ = coordinator.model_chunks(model_id, 1) or ([], 0)  # clamped to 64 KiB
+        assert len(small) > len(default) and size == sum(c.ByteSize() for c in small)
+        assert max(len(c.data) for c in tiny if c.WhichOneof("part") == "data") == 64 * 1024
+        for chunks in (default, small, tiny):
+            out = decode(chunks, max_bytes=1 << 30)
+            for a, b in zip(out.arrays, coordinator.weights, strict=True):
+                assert (a == b).all()
+        assert coordinator.model_chunks("no-such-model", 0) is None
+    finally:
+        coordinator.shutdown()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import itertools
-import json
 import logging
 import random
 import re
@@ -32,7 +31,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -53,8 +51,9 @@ from flwr.clientapp import ClientApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from confide import __version__, wire
-from confide.config import first_error, load_toml
+from confide.config import first_error, fix, load_toml
 from confide.errors import ConfideError, ConfigError
+from confide.logs import JsonFormatter
 from confide.privacy.crypto import Kit
 from confide.privacy.crypto.pki import split_address
 from confide.protos.v1 import PROTOCOL_VERSION
@@ -153,38 +152,34 @@ class _TaskFailed(Exception):
 # --------------------------------------------------------------------------- configuration
 
 
-def _fix(text: str) -> Any:
-    return {"fix": text}
-
-
 class AgentSettings(BaseModel):
     """The ``[agent]`` table of site.toml: how the agent talks to the coordinator."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     poll_seconds: float = Field(
-        10.0, gt=0, le=3600, json_schema_extra=_fix("use a number of seconds in (0, 3600]")
+        10.0, gt=0, le=3600, json_schema_extra=fix("use a number of seconds in (0, 3600]")
     )
     max_backoff_seconds: float = Field(
-        30.0, gt=0, le=3600, json_schema_extra=_fix("use a number of seconds in (0, 3600]")
+        30.0, gt=0, le=3600, json_schema_extra=fix("use a number of seconds in (0, 3600]")
     )
     max_model_mb: float = Field(
-        1024.0, gt=0, json_schema_extra=_fix("use a positive size in MiB, e.g. 1024")
+        1024.0, gt=0, json_schema_extra=fix("use a positive size in MiB, e.g. 1024")
     )
     chunk_mb: float | None = Field(
         None,
         gt=0,
         le=MAX_CHUNK_MB,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             f"use a size in MiB in (0, {MAX_CHUNK_MB}], or leave it unset for the "
             "coordinator's chunk size"
         ),
     )
-    log_json: bool = Field(False, json_schema_extra=_fix("use true or false"))
+    log_json: bool = Field(False, json_schema_extra=fix("use true or false"))
     transfer_timeout_seconds: float = Field(
         3600.0,
         gt=0,
-        json_schema_extra=_fix("use a positive number of seconds for one model download/upload"),
+        json_schema_extra=fix("use a positive number of seconds for one model download/upload"),
     )
 
 
@@ -195,32 +190,32 @@ class SiteConfig(BaseModel):
 
     app: str = Field(
         DEFAULT_APP,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             "name a Flower ClientApp as module:attribute, e.g. confide.client.apps:mnist_cnn "
             "(add --app-dir for a module next to site.toml)"
         ),
     )
     coordinator: str | None = Field(
         None,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             "write it as HOST:PORT, e.g. coordinator.example.org:50051, or leave it unset "
             "to use the address in the kit"
         ),
     )
     node_config: dict[str, UserValue] = Field(
         default_factory=dict,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             "use flat key = value pairs (numbers, text, booleans), e.g. partition-id = 0"
         ),
     )
     run_config: dict[str, UserValue] = Field(
         default_factory=dict,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             'use flat key = value pairs (numbers, text, booleans), e.g. seed = 0, data-dir = "…"'
         ),
     )
     agent: AgentSettings = Field(
-        default_factory=AgentSettings, json_schema_extra=_fix("see the [agent] keys in the docs")
+        default_factory=AgentSettings, json_schema_extra=fix("see the [agent] keys in the docs")
     )
 
     @field_validator("app")
@@ -327,22 +322,6 @@ def node_id_for(site_id: str) -> int:
 # --------------------------------------------------------------------------- logging
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "event": getattr(record, "event", "log"),
-            "message": record.getMessage(),
-            "fields": getattr(record, "fields", {}),
-        }
-        if record.exc_info:
-            doc["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
 def configure_logging(
     log_json: bool = False, *, stream: TextIO | None = None, verbose: bool = False
 ) -> logging.Handler:
@@ -352,7 +331,7 @@ def configure_logging(
     """
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     if log_json:
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -902,7 +881,7 @@ class SiteAgent:
         for key, value in (metric_record or {}).items():
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 continue  # lists have no place on the wire's scalar records
-            if key == "num-examples":
+            if key == wire.NUM_EXAMPLES:
                 metrics[key] = int(value)
             else:
                 metrics[key] = int(value) if isinstance(value, (int, np.integer)) else float(value)

@@ -29,8 +29,7 @@ from confide.client.models import build_model, get_weights, set_weights
 from confide.client.tasks import DataSettings, SiteData, Task, get_task
 from confide.client.training import evaluate, train
 from confide.errors import ConfigError
-
-NUM_EXAMPLES = "num-examples"  # the key Flower's own strategies weight by
+from confide.wire import NUM_EXAMPLES
 
 
 def data_settings(context: Context) -> tuple[DataSettings, int]:

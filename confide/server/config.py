@@ -7,13 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from confide.config import first_error, load_toml
+from confide.config import first_error, fix, load_toml
 
 Scalar = int | float | bool | str
-
-
-def _fix(text: str) -> Any:
-    return {"fix": text}
 
 
 class _Section(BaseModel):
@@ -23,30 +19,30 @@ class _Section(BaseModel):
 class FederationSection(_Section):
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
-        json_schema_extra=_fix("use the federation name given to `confide pki init`"),
+        json_schema_extra=fix("use the federation name given to `confide pki init`"),
     )
     model: str = Field(
         "cnn",
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             "use a built-in model (cnn, cnn-small, char-lstm, char-transformer, seq-lstm, "
             "seq-transformer) or module:attribute of a function returning a torch module"
         ),
     )
-    rounds: int = Field(3, ge=1, json_schema_extra=_fix("use a whole number of rounds >= 1"))
+    rounds: int = Field(3, ge=1, json_schema_extra=fix("use a whole number of rounds >= 1"))
     strategy: Literal["fedavg", "fedadam"] = Field(
-        "fedavg", json_schema_extra=_fix("fedavg or fedadam")
+        "fedavg", json_schema_extra=fix("fedavg or fedadam")
     )
-    server_lr: float | None = Field(None, gt=0, json_schema_extra=_fix("use a positive rate"))
-    seed: int = Field(0, ge=0, json_schema_extra=_fix("use a non-negative integer"))
+    server_lr: float | None = Field(None, gt=0, json_schema_extra=fix("use a positive rate"))
+    seed: int = Field(0, ge=0, json_schema_extra=fix("use a non-negative integer"))
 
 
 class SelectionSection(_Section):
-    min_sites: int = Field(2, ge=1, json_schema_extra=_fix("use a whole number >= 1"))
-    fraction: float = Field(1.0, gt=0, le=1, json_schema_extra=_fix("use a fraction in (0, 1]"))
+    min_sites: int = Field(2, ge=1, json_schema_extra=fix("use a whole number >= 1"))
+    fraction: float = Field(1.0, gt=0, le=1, json_schema_extra=fix("use a fraction in (0, 1]"))
     expected_sites: int = Field(
         0,
         ge=0,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             "use the number of sites to wait for before the first round (0: just min_sites)"
         ),
     )
@@ -54,45 +50,45 @@ class SelectionSection(_Section):
         0.0,
         ge=0,
         le=1,
-        json_schema_extra=_fix("use 0 (none) up to 1 (select twice as many as needed)"),
+        json_schema_extra=fix("use 0 (none) up to 1 (select twice as many as needed)"),
     )
-    deadline_seconds: float = Field(600.0, gt=0, json_schema_extra=_fix("use seconds > 0"))
+    deadline_seconds: float = Field(600.0, gt=0, json_schema_extra=fix("use seconds > 0"))
     max_attempts: int = Field(
-        3, ge=1, json_schema_extra=_fix("use >= 1 tries per round before the federation stops")
+        3, ge=1, json_schema_extra=fix("use >= 1 tries per round before the federation stops")
     )
     wait_for_sites_seconds: float = Field(
-        600.0, gt=0, json_schema_extra=_fix("use seconds > 0 to wait for min_sites to connect")
+        600.0, gt=0, json_schema_extra=fix("use seconds > 0 to wait for min_sites to connect")
     )
 
 
 class EvaluationSection(_Section):
-    fraction: float = Field(1.0, ge=0, le=1, json_schema_extra=_fix("use a fraction in [0, 1]"))
-    every: int = Field(1, ge=1, json_schema_extra=_fix("evaluate every N rounds, N >= 1"))
-    deadline_seconds: float = Field(300.0, gt=0, json_schema_extra=_fix("use seconds > 0"))
+    fraction: float = Field(1.0, ge=0, le=1, json_schema_extra=fix("use a fraction in [0, 1]"))
+    every: int = Field(1, ge=1, json_schema_extra=fix("evaluate every N rounds, N >= 1"))
+    deadline_seconds: float = Field(300.0, gt=0, json_schema_extra=fix("use seconds > 0"))
 
 
 class ServerSection(_Section):
     address: str = Field(
         "127.0.0.1:50051",
         pattern=r"^[^\s:]+:\d+$|^\[[0-9a-fA-F:]+\]:\d+$",
-        json_schema_extra=_fix("use HOST:PORT, e.g. 0.0.0.0:50051"),
+        json_schema_extra=fix("use HOST:PORT, e.g. 0.0.0.0:50051"),
     )
     coordinator_dir: Path = Field(
         Path("pki/coordinator"),
-        json_schema_extra=_fix("point at the coordinator/ folder made by `confide pki init`"),
+        json_schema_extra=fix("point at the coordinator/ folder made by `confide pki init`"),
     )
-    state_dir: Path = Field(Path("state"), json_schema_extra=_fix("give a writable folder"))
-    chunk_mb: float = Field(4.0, gt=0, le=64, json_schema_extra=_fix("use 1 to 4 MB"))
+    state_dir: Path = Field(Path("state"), json_schema_extra=fix("give a writable folder"))
+    chunk_mb: float = Field(4.0, gt=0, le=64, json_schema_extra=fix("use 1 to 4 MB"))
     max_update_mb: float = Field(
-        2048.0, gt=0, json_schema_extra=_fix("use a size above the model's size in MB")
+        2048.0, gt=0, json_schema_extra=fix("use a size above the model's size in MB")
     )
-    heartbeat_seconds: float = Field(5.0, gt=0, json_schema_extra=_fix("use seconds > 0"))
+    heartbeat_seconds: float = Field(5.0, gt=0, json_schema_extra=fix("use seconds > 0"))
     site_timeout_seconds: float = Field(
-        30.0, gt=0, json_schema_extra=_fix("use seconds > 0; a silent site counts as gone after it")
+        30.0, gt=0, json_schema_extra=fix("use seconds > 0; a silent site counts as gone after it")
     )
-    max_poll_seconds: float = Field(10.0, gt=0, le=60, json_schema_extra=_fix("use 1 to 60"))
-    workers: int = Field(64, ge=4, json_schema_extra=_fix("use >= 4 (one per connected site)"))
-    log_json: bool = Field(False, json_schema_extra=_fix("true or false"))
+    max_poll_seconds: float = Field(10.0, gt=0, le=60, json_schema_extra=fix("use 1 to 60"))
+    workers: int = Field(64, ge=4, json_schema_extra=fix("use >= 4 (one per connected site)"))
+    log_json: bool = Field(False, json_schema_extra=fix("true or false"))
 
 
 class FederationConfig(_Section):
@@ -103,7 +99,7 @@ class FederationConfig(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     train: dict[str, Scalar] = Field(
         default_factory=dict,
-        json_schema_extra=_fix("use key = value pairs of numbers, booleans or strings"),
+        json_schema_extra=fix("use key = value pairs of numbers, booleans or strings"),
     )
     server: ServerSection = Field(default_factory=ServerSection)
     base_dir: Path = Field(Path("."), exclude=True)

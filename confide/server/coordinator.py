@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import math
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from confide.client.models import MODELS, build_model, get_weights
 from confide.errors import ConfideError, ConfigError
+from confide.logs import JsonFormatter
 from confide.privacy.crypto import load_coordinator
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
@@ -42,11 +42,10 @@ from confide.server.strategy import (
     make_strategy,
     weighted_metrics,
 )
-from confide.wire import Payload, encode
+from confide.wire import NUM_EXAMPLES, Payload, encode
 
 log = logging.getLogger("confide.coordinator")
 
-NUM_EXAMPLES = "num-examples"
 MAX_EXAMPLES = 10**9
 MIN_CHUNK_BYTES = 64 * 1024  # a site claiming more is lying or broken; it would dominate the mean
 
@@ -115,6 +114,7 @@ class Coordinator:
         self.strategy = make_strategy(cfg.federation.strategy, cfg.federation.server_lr)
         self.stop_event = threading.Event()
         self._models: OrderedDict[tuple[str, int], tuple[list[pb.Chunk], int]] = OrderedDict()
+        self._published: OrderedDict[str, Payload] = OrderedDict()
         self._models_lock = threading.Lock()
         self._traffic = {"up": 0, "down": 0}
         self._traffic_lock = threading.Lock()
@@ -191,10 +191,10 @@ class Coordinator:
             cached = self._models.get((model_id, size))
             if cached is not None:
                 return cached
-            base = next((v for k, v in self._models.items() if k[0] == model_id), None)
-        if base is None:
+            payload = self._published.get(model_id)
+        if payload is None:
             return None
-        chunks = list(encode(_payload_from_chunks(base[0]), size))
+        chunks = list(encode(payload, size))
         entry = (chunks, sum(c.ByteSize() for c in chunks))
         with self._models_lock:
             self._models[(model_id, size)] = entry
@@ -204,11 +204,15 @@ class Coordinator:
     def _trim_models(self) -> None:
         while len(self._models) > 4:  # the current model and a few chunkings of it
             self._models.popitem(last=False)
+        while len(self._published) > 2:  # this round's trained and evaluated models
+            self._published.popitem(last=False)
 
     def _publish_model(self, rnd: int) -> str:
         model_id = f"r{rnd}-{weights_digest(self.weights)[:12]}"
-        chunks = list(encode(Payload(model_id, self.names, self.weights), self.chunk_bytes))
+        payload = Payload(model_id, self.names, list(self.weights))
+        chunks = list(encode(payload, self.chunk_bytes))
         with self._models_lock:
+            self._published[model_id] = payload
             self._models[(model_id, self.chunk_bytes)] = (chunks, sum(c.ByteSize() for c in chunks))
             self._trim_models()
         return model_id
@@ -492,12 +496,6 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _payload_from_chunks(chunks: list[pb.Chunk]) -> Payload:
-    from confide.wire import decode
-
-    return decode(chunks, max_bytes=sum(len(c.data) for c in chunks) + 1)
-
-
 def configure_logging(state_dir: Path, *, json_lines: bool = False) -> None:
     """Log to stderr and to ``state_dir/coordinator.log`` (text or JSON lines)."""
     logger = logging.getLogger("confide")
@@ -505,7 +503,7 @@ def configure_logging(state_dir: Path, *, json_lines: bool = False) -> None:
     for h in list(logger.handlers):
         logger.removeHandler(h)
     fmt: logging.Formatter = (
-        _JsonFormatter()
+        JsonFormatter()
         if json_lines
         else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
     )
@@ -517,15 +515,3 @@ def configure_logging(state_dir: Path, *, json_lines: bool = False) -> None:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.propagate = False
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )

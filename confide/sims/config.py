@@ -10,12 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from confide.client.data import PartitionSpec
 from confide.client.tasks import TASKS, DataSettings, Task, get_task
-from confide.config import first_error, load_toml
+from confide.config import first_error, fix, load_toml
 from confide.errors import ConfigError
-
-
-def _fix(text: str) -> Any:
-    return {"fix": text}
 
 
 class SimRunConfig(BaseModel):
@@ -23,49 +19,49 @@ class SimRunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: str = Field(json_schema_extra=_fix(f"use one of: {', '.join(TASKS)}"))
-    model: str | None = Field(None, json_schema_extra=_fix("see `confide sim tasks`"))
-    sites: int = Field(10, ge=1, json_schema_extra=_fix("use a whole number of sites >= 1"))
-    rounds: int = Field(20, ge=1, json_schema_extra=_fix("use a whole number of rounds >= 1"))
+    task: str = Field(json_schema_extra=fix(f"use one of: {', '.join(TASKS)}"))
+    model: str | None = Field(None, json_schema_extra=fix("see `confide sim tasks`"))
+    sites: int = Field(10, ge=1, json_schema_extra=fix("use a whole number of sites >= 1"))
+    rounds: int = Field(20, ge=1, json_schema_extra=fix("use a whole number of rounds >= 1"))
     partition: str = Field(
         "",
-        json_schema_extra=_fix("use iid, dirichlet:ALPHA, shards:N or natural"),
+        json_schema_extra=fix("use iid, dirichlet:ALPHA, shards:N or natural"),
     )
     fraction: float = Field(
-        1.0, gt=0, le=1, json_schema_extra=_fix("use a fraction of sites in (0, 1], e.g. 0.1")
+        1.0, gt=0, le=1, json_schema_extra=fix("use a fraction of sites in (0, 1], e.g. 0.1")
     )
     fraction_evaluate: float | None = Field(
-        None, gt=0, le=1, json_schema_extra=_fix("use a fraction in (0, 1]; default = fraction")
+        None, gt=0, le=1, json_schema_extra=fix("use a fraction in (0, 1]; default = fraction")
     )
-    min_sites: int = Field(1, ge=1, json_schema_extra=_fix("use a whole number >= 1"))
-    local_epochs: int | None = Field(None, ge=1, json_schema_extra=_fix("use >= 1"))
-    batch_size: int | None = Field(None, ge=1, json_schema_extra=_fix("use >= 1"))
-    lr: float | None = Field(None, gt=0, json_schema_extra=_fix("use a positive learning rate"))
-    momentum: float | None = Field(None, ge=0, lt=1, json_schema_extra=_fix("use [0, 1)"))
+    min_sites: int = Field(1, ge=1, json_schema_extra=fix("use a whole number >= 1"))
+    local_epochs: int | None = Field(None, ge=1, json_schema_extra=fix("use >= 1"))
+    batch_size: int | None = Field(None, ge=1, json_schema_extra=fix("use >= 1"))
+    lr: float | None = Field(None, gt=0, json_schema_extra=fix("use a positive learning rate"))
+    momentum: float | None = Field(None, ge=0, lt=1, json_schema_extra=fix("use [0, 1)"))
     max_steps: int | None = Field(
-        None, ge=1, json_schema_extra=_fix("use >= 1 local steps per round, or leave it unset")
+        None, ge=1, json_schema_extra=fix("use >= 1 local steps per round, or leave it unset")
     )
     strategy: Literal["fedavg", "fedadam"] = Field(
-        "fedavg", json_schema_extra=_fix("use fedavg or fedadam")
+        "fedavg", json_schema_extra=fix("use fedavg or fedadam")
     )
-    server_lr: float | None = Field(None, gt=0, json_schema_extra=_fix("use a positive rate"))
-    seed: int = Field(0, ge=0, json_schema_extra=_fix("use a non-negative integer"))
+    server_lr: float | None = Field(None, gt=0, json_schema_extra=fix("use a positive rate"))
+    seed: int = Field(0, ge=0, json_schema_extra=fix("use a non-negative integer"))
     data_dir: Path | None = Field(
         None,
-        json_schema_extra=_fix(
+        json_schema_extra=fix(
             "pass --data-dir pointing at the folder that holds mnist/, tinyshakespeare/ "
             "and credit-default/, or set CONFIDE_DATA_DIR"
         ),
     )
-    out: Path | None = Field(None, json_schema_extra=_fix("give a writable folder"))
+    out: Path | None = Field(None, json_schema_extra=fix("give a writable folder"))
     max_samples_per_site: int | None = Field(
-        None, ge=1, json_schema_extra=_fix("use >= 1 or leave it unset for all of a site's data")
+        None, ge=1, json_schema_extra=fix("use >= 1 or leave it unset for all of a site's data")
     )
     eval_fraction: float = Field(
-        0.1, ge=0, lt=1, json_schema_extra=_fix("use a fraction in [0, 1), e.g. 0.1")
+        0.1, ge=0, lt=1, json_schema_extra=fix("use a fraction in [0, 1), e.g. 0.1")
     )
-    central_eval: bool = Field(True, json_schema_extra=_fix("use true or false"))
-    max_test_samples: int | None = Field(None, ge=1, json_schema_extra=_fix("use >= 1"))
+    central_eval: bool = Field(True, json_schema_extra=fix("use true or false"))
+    max_test_samples: int | None = Field(None, ge=1, json_schema_extra=fix("use >= 1"))
 
     @field_validator("task")
     @classmethod

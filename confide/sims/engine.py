@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from confide.client.apps import NUM_EXAMPLES, make_client_app
+from confide.client.apps import make_client_app
 from confide.client.models import build_model, get_weights, set_weights
 from confide.client.training import evaluate
 from confide.errors import ConfideError
@@ -49,6 +49,7 @@ from confide.server.strategy import (
 )
 from confide.sims.config import SimRunConfig
 from confide.sims.report import plot_history
+from confide.wire import NUM_EXAMPLES
 
 
 class RoundFailed(ConfideError, RuntimeError):
