@@ -8,7 +8,8 @@ Everything runs on 127.0.0.1 with real mutual TLS, made by the project's own PKI
    task, which publishes the model under a model id (only public API and the wire
    contract are used, no private method). It then times ``DownloadModel`` of that model
    (stream decoded and SHA-256-checked by ``confide.wire.decode``, as the site agent does)
-   and ``UploadResult`` of the same arrays from a ``confide.wire.encode`` stream; the
+   and ``UploadResult`` of the same arrays from a ``confide.wire.frames`` stream (both
+   through ``confide.rpc.CoordinatorClient``, the agent's client); the
    upload names an unknown task, so the coordinator reads and decodes the whole stream,
    then rejects it (its ``bytes_received`` is checked against what was sent). Chunks of
    1 and 4 MiB. Next to it, raw grpcio on the same TLS credentials, chunk size and
@@ -68,7 +69,8 @@ from confide import wire
 from confide.privacy.crypto import init_ca, issue, load_kit
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
-from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.rpc import CoordinatorClient
+from confide.tuning import keep_large_buffers
 
 MODULE = Path(__file__).stem  # the model factories below are loaded as "transport:..."
 FED = "bench"
@@ -284,6 +286,7 @@ class RawServer:
 
 def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs where the site would: joins, takes the TRAIN task, times transfers both ways."""
+    keep_large_buffers()  # as the site agent does when it starts
     kit = load_kit(Path(spec["kit"]))
     creds = kit.channel_credentials()
     chunks_mb: list[int] = spec["chunks_mb"]
@@ -292,7 +295,7 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
         grpc.secure_channel(f"127.0.0.1:{spec['port']}", creds, options=CLIENT_OPTIONS) as ch,
         grpc.secure_channel(f"127.0.0.1:{spec['raw_port']}", creds, options=CLIENT_OPTIONS) as rch,
     ):
-        stub = pb_grpc.CoordinatorStub(ch)  # type: ignore[no-untyped-call]
+        stub = CoordinatorClient(ch)  # what the site agent uses: raw frames for the streams
         session = stub.Join(
             pb.JoinRequest(protocol_version=PROTOCOL_VERSION, software="transport-bench"),
             timeout=15,
@@ -311,10 +314,11 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
             only: it copies every chunk) also verifies the chunk size the coordinator used."""
             sizes: list[int] = []
 
-            def watched(stream: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+            def watched(stream: Iterator[bytes]) -> Iterator[bytes]:
                 for c in stream:
-                    if c.WhichOneof("part") == "data":
-                        sizes.append(len(c.data))
+                    part = pb.Chunk.FromString(c)
+                    if part.WhichOneof("part") == "data":
+                        sizes.append(len(part.data))
                     yield c
 
             t0 = time.perf_counter()
@@ -341,16 +345,15 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
         raw_ping = rch.unary_unary(f"/{RAW_SERVICE}/Ping")
 
         def upload(chunk: int, expected: int, check: bool) -> float:
-            """One UploadResult of a wire.encode stream; the coordinator must have read all
-            of it (``bytes_received``). ``check`` (warm-up only: ByteSize re-serializes every
-            chunk) also counts the bytes sent on this very stream."""
+            """One UploadResult of a ``wire.frames`` stream, as the agent sends it; the
+            coordinator must have read all of it (``bytes_received``), and on the warm-up
+            (``check``) exactly the bytes sent on this very stream."""
             sent = 0
 
-            def counted() -> Iterator[pb.Chunk]:
+            def counted() -> Iterator[bytes]:
                 nonlocal sent
-                for c in wire.encode(upload_payload, chunk):
-                    if check:
-                        sent += c.ByteSize()
+                for c in wire.frames(upload_payload, chunk):
+                    sent += len(c)
                     yield c
 
             t0 = time.perf_counter()
@@ -384,7 +387,7 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
         for mb in chunks_mb:
             chunk = mb * MiB
             # What the coordinator should report reading: the same deterministic stream.
-            expected = sum(c.ByteSize() for c in wire.encode(upload_payload, chunk))
+            expected = sum(len(c) for c in wire.frames(upload_payload, chunk))
             pieces = [raw_data[i : i + chunk] for i in range(0, len(raw_data), chunk)]
             times: dict[str, list[float]] = {k: [] for k in ("cd", "rd", "cu", "ru")}
             for rep in range(repeats + 1):  # the first is the warm-up; Confide and raw alternate

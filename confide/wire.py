@@ -11,12 +11,15 @@ is rejected and the round carries on.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import DecodeError
 
 from confide.errors import ConfideError
 from confide.protos.v1 import coordinator_pb2 as pb
@@ -87,11 +90,83 @@ def _dtype_str(a: npt.NDArray[Any]) -> str:
     return dt.str
 
 
-def encode(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
-    """Yield the chunks of ``payload``: manifest, data chunks, digest.
+# A serialized ``Chunk`` whose part is ``data`` starts with this tag (field 2, length-delimited).
+_DATA_TAG = 0x12
 
-    Arrays are sent as little-endian bytes without copying them twice: each array's
-    buffer is sliced into chunks of at most ``chunk_bytes``.
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; (-1, pos) if it is malformed."""
+    value = shift = 0
+    while pos < len(buf) and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+# Streams at least this large hash their data in a helper thread (hashlib releases the
+# GIL), so the digest overlaps sending and receiving instead of following them.
+BACKGROUND_HASH_BYTES = 1 << 20
+
+
+class _Sha256:
+    """SHA-256 of a stream's data, computed inline or by a helper thread, in order."""
+
+    def __init__(self, background: bool) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue[memoryview | bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="confide-sha256", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: memoryview | bytes) -> None:
+        """Add ``data``, which the caller must not modify until :meth:`digest` returns."""
+        if self._queue is None:
+            self._hash.update(data)
+        else:
+            self._queue.put(data)
+
+    def close(self) -> None:
+        """Stop the helper thread (idempotent); called on every exit path of a stream."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+    def digest(self) -> bytes:
+        self.close()
+        return self._hash.digest()
+
+
+def frames(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield the serialized ``confide.v1.Chunk`` messages of ``payload``.
+
+    This is what goes on the wire, built without protobuf objects: a data frame is the
+    field tag, the length and a slice of the array's buffer, so each byte is copied once
+    (into the frame). Large streams are hashed by a helper thread while gRPC sends them,
+    which takes the digest off the critical path. :func:`encode` gives the same stream
+    as ``Chunk`` messages.
     """
     if chunk_bytes <= 0:
         raise WireError(f"chunk size must be positive (got {chunk_bytes})")
@@ -107,37 +182,49 @@ def encode(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
         if dtype not in ALLOWED_DTYPES:
             raise WireError(f"array {name!r} has dtype {dtype}, which the wire does not carry")
         headers.append(pb.ArrayHeader(name=name, dtype=dtype, shape=list(a.shape), nbytes=a.nbytes))
-    total = sum(a.nbytes for a in arrays)
-    yield pb.Chunk(
-        manifest=pb.Manifest(
-            task_id=payload.task_id,
-            arrays=headers,
-            metrics=encode_records(payload.metrics),
-            config=encode_records(payload.config),
-            total_bytes=total,
-        )
+    manifest = pb.Manifest(
+        task_id=payload.task_id,
+        arrays=headers,
+        metrics=encode_records(payload.metrics),
+        config=encode_records(payload.config),
+        total_bytes=sum(a.nbytes for a in arrays),
     )
-    digest = hashlib.sha256()
-    pending = bytearray()
-    for a in arrays:
-        view = a.reshape(-1).view(np.uint8)
-        offset = 0
-        while offset < len(view):
-            room = chunk_bytes - len(pending)
-            piece = view[offset : offset + room]
-            # Hash piece by piece, so the first chunk leaves before the last is hashed.
-            digest.update(piece.data)
-            if not pending and len(piece) == chunk_bytes:
-                yield pb.Chunk(data=piece.tobytes())
-            else:
-                pending += piece.tobytes()
+    yield pb.Chunk(manifest=manifest).SerializeToString()
+    digest = _Sha256(background=manifest.total_bytes >= BACKGROUND_HASH_BYTES)
+
+    def framed(data: memoryview | bytearray) -> bytes:
+        out = b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
+        # Hash the frame's own copy: the caller's arrays may change once they are framed.
+        digest.update(memoryview(out)[len(out) - len(data) :])
+        return out
+
+    try:
+        pending = bytearray()
+        for a in arrays:
+            view = memoryview(a.reshape(-1).view(np.uint8).data)
+            offset = 0
+            while offset < len(view):
+                if not pending and len(view) - offset >= chunk_bytes:
+                    yield framed(view[offset : offset + chunk_bytes])
+                    offset += chunk_bytes
+                    continue
+                piece = view[offset : offset + chunk_bytes - len(pending)]
+                pending += piece
+                offset += len(piece)
                 if len(pending) == chunk_bytes:
-                    yield pb.Chunk(data=bytes(pending))
+                    yield framed(pending)
                     pending.clear()
-            offset += len(piece)
-    if pending:
-        yield pb.Chunk(data=bytes(pending))
-    yield pb.Chunk(sha256=digest.digest())
+        if pending:
+            yield framed(pending)
+        yield pb.Chunk(sha256=digest.digest()).SerializeToString()
+    finally:
+        digest.close()  # also when the stream is abandoned half-way
+
+
+def encode(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """:func:`frames` as ``Chunk`` messages: manifest, data chunks, digest."""
+    for f in frames(payload, chunk_bytes):
+        yield pb.Chunk.FromString(f)
 
 
 @dataclass
@@ -152,8 +239,73 @@ def _data_part_size(n: int) -> int:
     return 1 + max(1, (n.bit_length() + 6) // 7) + n
 
 
+def _parse(item: pb.Chunk | bytes) -> tuple[pb.Chunk | None, memoryview | bytes, int]:
+    """(message, data, serialized size) of one stream item.
+
+    Raw frames (``bytes``, as the coordinator and the agent receive them) whose part is
+    ``data`` are read in place, without a protobuf copy; any other frame is parsed as a
+    ``Chunk`` (``message`` is then set and ``data`` empty).
+    """
+    if isinstance(item, pb.Chunk):
+        if item.WhichOneof("part") == "data":
+            data = item.data  # one read: upb copies the bytes on every access
+            return None, data, _data_part_size(len(data))
+        return item, b"", item.ByteSize()
+    if not isinstance(item, bytes | bytearray | memoryview):
+        raise WireError(f"a stream carries Chunk messages, not {type(item).__name__}")
+    raw = memoryview(item)
+    if len(raw) and raw[0] == _DATA_TAG:
+        n, pos = _read_varint(raw, 1)
+        if n >= 0 and pos + n == len(raw):
+            return None, raw[pos:], len(raw)
+    try:
+        message = pb.Chunk.FromString(bytes(raw))
+    except DecodeError:
+        raise WireError("a frame is not a confide.v1.Chunk message (malformed bytes)") from None
+    if message.WhichOneof("part") == "data":
+        return None, message.data, len(raw)
+    return message, b"", len(raw)
+
+
+def _read_data(
+    it: Iterator[pb.Chunk | bytes],
+    buffer: npt.NDArray[np.uint8],
+    hasher: _Sha256,
+    stats: StreamStats,
+) -> bytes:
+    """Fill ``buffer`` from the data parts of a stream; return the digest the stream ends with."""
+    total = len(buffer)
+    received = 0
+    digest: bytes | None = None
+    for item in it:
+        message, data, size = _parse(item)
+        stats.wire_bytes += size
+        if message is None:
+            if digest is not None:
+                raise WireError("data after the digest")
+            n = len(data)
+            if received + n > total:
+                raise WireError(f"more data than the manifest announced ({total} bytes)")
+            buffer[received : received + n] = np.frombuffer(data, dtype=np.uint8)
+            hasher.update(memoryview(buffer.data)[received : received + n])
+            received += n
+            continue
+        part = message.WhichOneof("part")
+        if part == "sha256":
+            if digest is not None:
+                raise WireError("two digests in one stream")
+            digest = message.sha256
+        else:
+            raise WireError(f"unexpected {part or 'empty'} part inside a stream")
+    if received != total:
+        raise WireError(f"stream ended after {received} of {total} bytes")
+    if digest is None:
+        raise WireError("stream ended without its SHA-256 digest")
+    return digest
+
+
 def decode(
-    chunks: Iterable[pb.Chunk],
+    chunks: Iterable[pb.Chunk] | Iterable[bytes],
     *,
     max_bytes: int,
     expect: Sequence[tuple[str, tuple[int, ...]]] | None = None,
@@ -167,11 +319,12 @@ def decode(
     """
     stats = stats if stats is not None else StreamStats()
     it = iter(chunks)
-    first = next(it, None)
-    if first is None or first.WhichOneof("part") != "manifest":
+    item = next(it, None)
+    first = None if item is None else _parse(item)
+    if first is None or first[0] is None or first[0].WhichOneof("part") != "manifest":
         raise WireError("a stream must start with a manifest")
-    stats.wire_bytes += first.ByteSize()
-    manifest = first.manifest
+    stats.wire_bytes += first[2]
+    manifest = first[0].manifest
     if manifest.total_bytes > max_bytes:
         raise WireError(
             f"the stream announces {manifest.total_bytes} bytes, above the limit of {max_bytes}"
@@ -196,37 +349,13 @@ def decode(
             )
     # Uninitialised on purpose: every byte is either written below or the stream fails.
     buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
-    hasher = hashlib.sha256()
-    received = 0
-    digest: bytes | None = None
-    for chunk in it:
-        part = chunk.WhichOneof("part")
-        if part == "data":
-            if digest is not None:
-                raise WireError("data after the digest")
-            data = chunk.data  # one read: upb copies the bytes on every access
-            n = len(data)
-            stats.wire_bytes += _data_part_size(n)
-            if received + n > manifest.total_bytes:
-                raise WireError(
-                    f"more data than the manifest announced ({manifest.total_bytes} bytes)"
-                )
-            buffer[received : received + n] = np.frombuffer(data, dtype=np.uint8)
-            hasher.update(data)
-            received += n
-        elif part == "sha256":
-            if digest is not None:
-                raise WireError("two digests in one stream")
-            digest = chunk.sha256
-            stats.wire_bytes += chunk.ByteSize()
-        else:
-            raise WireError(f"unexpected {part or 'empty'} part inside a stream")
-    if received != manifest.total_bytes:
-        raise WireError(f"stream ended after {received} of {manifest.total_bytes} bytes")
-    if digest is None:
-        raise WireError("stream ended without its SHA-256 digest")
-    if hasher.digest() != digest:
-        raise WireError("SHA-256 mismatch: the data was corrupted in transit")
+    hasher = _Sha256(background=manifest.total_bytes >= BACKGROUND_HASH_BYTES)
+    try:
+        digest = _read_data(it, buffer, hasher, stats)
+        if hasher.digest() != digest:
+            raise WireError("SHA-256 mismatch: the data was corrupted in transit")
+    finally:
+        hasher.close()
     arrays: list[npt.NDArray[Any]] = []
     offset = 0
     for h in headers:

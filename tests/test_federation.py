@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from federation_helpers import make_federation, running_coordinator
 
@@ -331,3 +332,44 @@ def test_a_model_is_served_in_the_chunk_size_a_site_asks_for_within_bounds(
         assert coordinator.model_chunks("no-such-model", 0) is None
     finally:
         coordinator.shutdown()
+
+
+def test_a_client_on_the_generated_stubs_interoperates_with_the_raw_frame_service(
+    tmp_path: Path,
+) -> None:
+    """The coordinator sends and reads model streams as raw frames (confide.rpc); a peer
+    using only the generated protobuf stubs must see ordinary confide.v1.Chunk messages."""
+    from confide.wire import Payload, decode, encode
+
+    fed = make_federation(tmp_path, rounds=1, min_sites=1)
+    with running_coordinator(fed) as (coordinator, _codes):
+        creds = load_kit(fed.kit("site-1")).channel_credentials()
+        with grpc.secure_channel(fed.address, creds) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)  # type: ignore[no-untyped-call]
+            session = stub.Join(
+                pb.JoinRequest(protocol_version=PROTOCOL_VERSION), timeout=5
+            ).session_id
+            task = pb.Task()
+            for _ in range(30):  # bounded: round 1 is published within seconds
+                task = stub.PullTask(pb.PullTaskRequest(session_id=session), timeout=10)
+                if task.kind == pb.Task.EVALUATE:  # the round-0 baseline: metrics only
+                    result = Payload(task.task_id, [], [], {"num-examples": 5, "accuracy": 0.5})
+                    assert stub.UploadResult(encode(result), timeout=10).accepted
+                if task.kind == pb.Task.TRAIN:
+                    break
+            assert task.kind == pb.Task.TRAIN
+            chunks = list(
+                stub.DownloadModel(
+                    pb.DownloadModelRequest(session_id=session, model_id=task.model_id),
+                    timeout=30,
+                )
+            )
+            assert all(isinstance(c, pb.Chunk) for c in chunks)
+            model = decode(chunks, max_bytes=1 << 30)
+            for got, want in zip(model.arrays, coordinator.weights, strict=True):
+                np.testing.assert_array_equal(got, want)
+            # Send the model back as this site's update, as protobuf messages.
+            update = Payload(task.task_id, model.names, model.arrays, {"num-examples": 5})
+            reply = stub.UploadResult(encode(update, 64 * 1024), timeout=30)
+        assert reply.accepted, reply.reason
+        assert reply.bytes_received == sum(c.ByteSize() for c in encode(update, 64 * 1024))

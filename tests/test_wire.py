@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from confide import wire
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.wire import Payload, StreamStats, WireError, decode, encode
 
@@ -118,3 +119,54 @@ def test_decode_counts_the_serialized_bytes_of_the_stream() -> None:
     stats = StreamStats()
     decode(chunks, max_bytes=16 * MB, stats=stats)
     assert stats.wire_bytes == sum(c.ByteSize() for c in chunks)
+
+
+@settings(max_examples=20, deadline=None)
+@given(chunk=st.integers(min_value=1, max_value=300_000))
+def test_frames_are_the_serialized_chunks_and_decode_in_place(chunk: int) -> None:
+    p = _payload()
+    frames = list(wire.frames(p, chunk))
+    messages = list(encode(p, chunk))
+    assert frames == [m.SerializeToString() for m in messages]
+    stats = StreamStats()
+    out = decode(frames, max_bytes=16 * MB, stats=stats)
+    assert stats.wire_bytes == sum(len(f) for f in frames)
+    for a, b in zip(out.arrays, p.arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_large_stream_hashes_in_the_background_and_still_checks_the_digest() -> None:
+    big = np.arange(3 * MB // 4, dtype=np.float32)  # 3 MiB: above BACKGROUND_HASH_BYTES
+    assert big.nbytes >= wire.BACKGROUND_HASH_BYTES
+    frames = list(wire.frames(Payload("t", ["w"], [big]), MB))
+    np.testing.assert_array_equal(decode(frames, max_bytes=8 * MB).arrays[0], big)
+    corrupt = bytearray(frames[2])
+    corrupt[-1] ^= 1
+    with pytest.raises(WireError, match="SHA-256 mismatch"):
+        decode([*frames[:2], bytes(corrupt), *frames[3:]], max_bytes=8 * MB)
+
+
+def test_the_sender_hashes_its_own_copy_so_later_changes_cannot_break_the_digest() -> None:
+    a = np.ones(MB // 2, dtype=np.float32)  # 2 MiB: framed from the array's buffer
+    stream = wire.frames(Payload("t", ["w"], [a]), MB)
+    sent = [next(stream), next(stream)]
+    a[:] = 7  # the caller reuses its buffer while the stream is still running
+    sent += list(stream)
+    out = decode(sent, max_bytes=8 * MB)
+    assert out.arrays[0][0] == 1 and out.arrays[0][-1] == 7  # first chunk sent before
+
+
+def test_raw_frames_that_are_not_plain_data_are_parsed_as_protobuf() -> None:
+    p = _payload()
+    frames = list(wire.frames(p, 100_000))
+    # A data frame followed by a second encoding of the field (protobuf: the last wins)
+    # does not match the in-place fast path and must still be read correctly.
+    data = pb.Chunk.FromString(frames[1]).data
+    odd = pb.Chunk(data=b"ignored").SerializeToString() + frames[1]
+    assert pb.Chunk.FromString(odd).data == data
+    out = decode([frames[0], odd, *frames[2:]], max_bytes=16 * MB)
+    np.testing.assert_array_equal(out.arrays[0], p.arrays[0])
+    with pytest.raises(WireError, match="malformed bytes"):
+        decode([frames[0], b"\x12\xff\xff\xff", *frames[2:]], max_bytes=16 * MB)
+    with pytest.raises(WireError, match="not str"):
+        decode([frames[0], "text"], max_bytes=16 * MB)  # type: ignore[list-item]

@@ -58,8 +58,9 @@ from confide.privacy.crypto import Kit
 from confide.privacy.crypto.pki import split_address
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
-from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.rpc import CoordinatorClient
 from confide.sims.engine import instruction
+from confide.tuning import keep_large_buffers
 
 __all__ = [
     "DEFAULT_APP",
@@ -457,13 +458,18 @@ class SiteAgent:
         self._exit_code = 0
         self._inflight: Any = None
         self._channel: grpc.Channel | None = None
-        self._stub: Any = None
+        self._stub: CoordinatorClient | None = None
         self._session: str | None = None
         self._site_id = kit.identity
         self._heartbeat_seconds = 0.0
         self._chunk_bytes = wire.DEFAULT_CHUNK_BYTES
         self._failures = 0
         self._last_error = ""
+
+    def _client(self) -> CoordinatorClient:
+        if self._stub is None:  # the channel was closed under us: stopping or reconnecting
+            raise _Stopped
+        return self._stub
 
     # --- control ----------------------------------------------------------------------
 
@@ -491,6 +497,7 @@ class SiteAgent:
         """Join, work until the coordinator says STOP, reconnect on the way as needed."""
         if max_attempts is not None and max_attempts < 1:
             raise ValueError("max_attempts must be >= 1 or None")
+        keep_large_buffers()  # models move as 1-4 MiB messages: reuse their buffers
         self._failures = 0
         try:
             while not self._stopping.is_set():
@@ -536,7 +543,7 @@ class SiteAgent:
         self._channel = grpc.secure_channel(
             self.address, self.kit.channel_credentials(), options=options
         )
-        self._stub = pb_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = CoordinatorClient(self._channel)
 
     def _close(self) -> None:
         channel, self._channel, self._stub = self._channel, None, None
@@ -610,7 +617,7 @@ class SiteAgent:
             software=f"confide {__version__}",
             capabilities={"app": self.config.app},
         )
-        future = self._stub.Join.future(request, timeout=JOIN_TIMEOUT)
+        future = self._client().Join.future(request, timeout=JOIN_TIMEOUT)
         with self._tracked(future):
             try:
                 reply = future.result()
@@ -687,7 +694,7 @@ class SiteAgent:
                 raise _Stopped
             started = time.monotonic()
             task = self._unary(
-                self._stub.PullTask,
+                self._client().PullTask,
                 pb.PullTaskRequest(session_id=self._session, wait_seconds=poll),
                 timeout=poll + PULL_GRACE,
             )
@@ -794,7 +801,9 @@ class SiteAgent:
 
     def _download(self, task: pb.Task) -> wire.Payload:
         request = pb.DownloadModelRequest(session_id=self._session, model_id=task.model_id)
-        stream = self._stub.DownloadModel(request, timeout=self.settings.transfer_timeout_seconds)
+        stream = self._client().DownloadModel(
+            request, timeout=self.settings.transfer_timeout_seconds
+        )
         with self._tracked(stream):
             try:
                 return wire.decode(stream, max_bytes=int(self.settings.max_model_mb * MiB))
@@ -909,13 +918,13 @@ class SiteAgent:
         return wire.Payload(task.task_id, names, arrays, metrics, {})
 
     def _upload(self, task: pb.Task, payload: wire.Payload) -> None:
-        chunks = wire.encode(payload, self._chunk_bytes)
+        chunks = wire.frames(payload, self._chunk_bytes)
         try:
             first = next(chunks)  # the manifest: dtypes are checked before anything is sent
         except wire.WireError as e:
             raise _TaskFailed("TASK_FAILED", f"the result cannot be sent: {e}") from None
         started = time.monotonic()
-        future = self._stub.UploadResult.future(
+        future = self._client().UploadResult.future(
             itertools.chain([first], chunks), timeout=self.settings.transfer_timeout_seconds
         )
         with self._tracked(future):

@@ -29,8 +29,7 @@ from confide.client.models import MODELS, build_model, get_weights
 from confide.errors import ConfideError, ConfigError
 from confide.logs import JsonFormatter
 from confide.privacy.crypto import load_coordinator
-from confide.protos.v1 import coordinator_pb2 as pb
-from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.rpc import add_coordinator_service
 from confide.server.config import FederationConfig
 from confide.server.history import History, RoundRecord
 from confide.server.rounds import Kind, Phase, Rejected, RoundBoard, TaskSpec, finite
@@ -42,7 +41,8 @@ from confide.server.strategy import (
     make_strategy,
     weighted_metrics,
 )
-from confide.wire import NUM_EXAMPLES, Payload, encode
+from confide.tuning import keep_large_buffers
+from confide.wire import NUM_EXAMPLES, Payload, frames
 
 log = logging.getLogger("confide.coordinator")
 
@@ -113,7 +113,7 @@ class Coordinator:
         self.max_update_bytes = int(cfg.server.max_update_mb * 1024 * 1024)
         self.strategy = make_strategy(cfg.federation.strategy, cfg.federation.server_lr)
         self.stop_event = threading.Event()
-        self._models: OrderedDict[tuple[str, int], tuple[list[pb.Chunk], int]] = OrderedDict()
+        self._models: OrderedDict[tuple[str, int], tuple[list[bytes], int]] = OrderedDict()
         self._published: OrderedDict[str, Payload] = OrderedDict()
         self._models_lock = threading.Lock()
         self._traffic = {"up": 0, "down": 0}
@@ -143,6 +143,7 @@ class Coordinator:
 
     def start(self) -> int:
         """Start the gRPC server (mutual TLS only); returns the bound port."""
+        keep_large_buffers()  # models arrive as 1-4 MiB messages: reuse their buffers
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.cfg.server.workers),
             options=[
@@ -150,9 +151,7 @@ class Coordinator:
                 ("grpc.max_send_message_length", 2 * self.chunk_bytes + (1 << 20)),
             ],
         )
-        pb_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
-            CoordinatorService(self, self.files.revocation_list()), server
-        )
+        add_coordinator_service(CoordinatorService(self, self.files.revocation_list()), server)
         port = int(server.add_secure_port(self.cfg.server.address, self.files.server_credentials()))
         if port == 0:
             raise ConfigError(
@@ -179,8 +178,8 @@ class Coordinator:
             self.server.stop(grace).wait(grace + 1)
         self.store.close()
 
-    def model_chunks(self, model_id: str, chunk_bytes: int) -> tuple[list[pb.Chunk], int] | None:
-        """The encoded chunks of a published model and their serialized size, or None.
+    def model_chunks(self, model_id: str, chunk_bytes: int) -> tuple[list[bytes], int] | None:
+        """The serialized chunk frames of a published model and their total size, or None.
 
         A site may ask for smaller chunks (a slow or lossy link); sizes are clamped to
         [64 KiB, server chunk size] so no caller can make the cache explode.
@@ -194,8 +193,8 @@ class Coordinator:
             payload = self._published.get(model_id)
         if payload is None:
             return None
-        chunks = list(encode(payload, size))
-        entry = (chunks, sum(c.ByteSize() for c in chunks))
+        chunks = list(frames(payload, size))
+        entry = (chunks, sum(len(c) for c in chunks))
         with self._models_lock:
             self._models[(model_id, size)] = entry
             self._trim_models()
@@ -210,10 +209,10 @@ class Coordinator:
     def _publish_model(self, rnd: int) -> str:
         model_id = f"r{rnd}-{weights_digest(self.weights)[:12]}"
         payload = Payload(model_id, self.names, list(self.weights))
-        chunks = list(encode(payload, self.chunk_bytes))
+        chunks = list(frames(payload, self.chunk_bytes))
         with self._models_lock:
             self._published[model_id] = payload
-            self._models[(model_id, self.chunk_bytes)] = (chunks, sum(c.ByteSize() for c in chunks))
+            self._models[(model_id, self.chunk_bytes)] = (chunks, sum(len(c) for c in chunks))
             self._trim_models()
         return model_id
 

@@ -25,7 +25,6 @@ from confide.privacy.crypto import (
 from confide.privacy.crypto.errors import PKIError
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
-from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
 from confide.server.rounds import Kind, Rejected, RoundBoard, Session
 from confide.wire import StreamStats, WireError, decode, encode_records
 
@@ -37,8 +36,11 @@ log = logging.getLogger("confide.coordinator")
 _KIND = {Kind.TRAIN: pb.Task.TRAIN, Kind.EVALUATE: pb.Task.EVALUATE}
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """Implements ``confide.v1.Coordinator`` on top of a :class:`Coordinator`."""
+class CoordinatorService:
+    """Implements ``confide.v1.Coordinator`` on top of a :class:`Coordinator`.
+
+    Bound by :func:`confide.rpc.add_coordinator_service`: model streams are raw frames.
+    """
 
     def __init__(self, coordinator: Coordinator, revocations: RevocationList | None) -> None:
         self.c = coordinator
@@ -132,7 +134,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Chunk]:
+    ) -> Iterator[bytes]:
         ident = self._identity(context)
         self._session(request.session_id, ident, context)
         found = self.c.model_chunks(request.model_id, request.chunk_bytes)
@@ -144,7 +146,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         yield from chunks
 
     def UploadResult(
-        self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.UploadReply:
         ident = self._identity(context)
         session = self.board.session_for_site(ident.identity)

@@ -43,6 +43,7 @@ every call (:func:`authenticate_peer`), and the list reloads itself when the fil
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -1491,7 +1492,13 @@ def peer_identity(auth_context: Mapping[str, Sequence[bytes]]) -> Identity:
             "the peer presented no client certificate. Fix: connect with a startup kit "
             "(mutual TLS), see `confide pki issue`"
         )
-    return load_identity(certs[0])
+    return _cached_identity(bytes(certs[0]))
+
+
+# A certificate's identity depends on its bytes only (Identity is frozen), so the
+# coordinator parses each peer certificate once, not on every call; revocation and
+# role checks still run on every call.
+_cached_identity = functools.lru_cache(maxsize=4096)(load_identity)
 
 
 def authenticate_peer(
