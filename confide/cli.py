@@ -50,6 +50,11 @@ def _sim_run_args(p: argparse.ArgumentParser) -> None:
         const=False,
         help="skip the central test-set evaluation",
     )
+    p.add_argument(
+        "--secure-aggregation",
+        metavar="MODE",
+        help="none | secagg+ (the server learns only the sum of the updates)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
 
 
@@ -59,7 +64,7 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
     from confide.sims.config import SimRunConfig
     from confide.sims.engine import run_inprocess
 
-    values: dict[str, Any] = {f: getattr(args, f) for f in SimRunConfig.model_fields}
+    values: dict[str, Any] = {f: getattr(args, f, None) for f in SimRunConfig.model_fields}
     if args.config is None and values["task"] is None:
         raise ConfideError("--task: missing. Fix: pass --task NAME (see `confide sim tasks`)")
     cfg = SimRunConfig.build(values, config_file=args.config)

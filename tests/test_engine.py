@@ -95,3 +95,47 @@ def test_a_round_with_no_result_fails_with_a_typed_error(tmp_path: Path) -> None
     cfg = _cfg("credit-lstm", tmp_path, rounds=1, sites=1, central_eval=False)
     with pytest.raises(RoundFailed, match="disk full"):
         run_inprocess(cfg, app=_flaky(make_client_app("credit-lstm"), 1), show_progress=False)
+
+
+@pytest.mark.slow
+def test_secagg_ends_with_the_plain_model_within_the_quantization_bound(tmp_path: Path) -> None:
+    """One FedAvg round: the securely aggregated model is the plain one up to the bound;
+    more rounds: the federation learns the same."""
+    extra = {"sites": 4, "min_sites": 3, "rounds": 1}
+    plain = run_inprocess(_cfg("credit-lstm", tmp_path / "plain", **extra), show_progress=False)
+    secure = run_inprocess(
+        _cfg("credit-lstm", tmp_path / "secure", secure_aggregation="secagg+", **extra),
+        show_progress=False,
+    )
+    info = secure.history.rounds[-1].secure_aggregation
+    assert info is not None and info["survivors"] == 4 and info["dropped"] == 0
+    bound = info["error_bound"]
+    assert 0 < bound < 1e-3
+    worst = max(
+        float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+        for a, b in zip(secure.weights, plain.weights, strict=True)
+    )
+    # float32 rounding of the result adds at most one ulp of the weights' magnitude
+    assert worst <= bound + 1e-6, (worst, bound)
+    assert worst > 0  # it really went through the quantized ring
+    assert plain.history.rounds[-1].secure_aggregation is None
+
+
+@pytest.mark.slow
+def test_secagg_federation_learns_like_the_plain_one(tmp_path: Path) -> None:
+    extra = {"sites": 5, "min_sites": 3, "rounds": 2, "secagg": {"mode": "full"}}
+    plain = run_inprocess(_cfg("credit-lstm", tmp_path / "p", **extra), show_progress=False)
+    secure = run_inprocess(
+        _cfg("credit-lstm", tmp_path / "s", secure_aggregation="secagg+", **extra),
+        show_progress=False,
+    )
+    a, b = plain.history.rounds[-1].test_accuracy, secure.history.rounds[-1].test_accuracy
+    assert a is not None and b is not None and abs(a - b) < 0.01
+    assert secure.history.rounds[-1].secure_aggregation["neighbours"] == 4  # full: N-1
+
+
+def test_secagg_needs_three_sites_per_round(tmp_path: Path) -> None:
+    from confide.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"min_sites.*at least 3.*Fix"):
+        SimRunConfig.build({"task": "credit-lstm", "sites": 2, "secure_aggregation": "secagg+"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,12 @@ def test_committed_stubs_equal_freshly_generated_ones(tmp_path: Path) -> None:
 def test_stubs_import_and_describe_the_coordinator_service() -> None:
     from confide.protos.v1 import PROTOCOL_VERSION, coordinator_pb2, coordinator_pb2_grpc
 
-    assert PROTOCOL_VERSION == 1
+    proto = (
+        Path(__file__).resolve().parents[1] / "protos/confide/v1/coordinator.proto"
+    ).read_text()
+    declared = re.search(r"PROTOCOL_VERSION = (\d+)", proto)
+    assert declared is not None and PROTOCOL_VERSION == int(declared.group(1)) == 2
+    assert coordinator_pb2.Task.SECAGG == 5
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
     assert {m.name for m in service.methods} == {
         "Join",

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -56,6 +57,8 @@ from confide.errors import ConfideError, ConfigError
 from confide.logs import JsonFormatter
 from confide.privacy.crypto import Kit
 from confide.privacy.crypto.pki import split_address
+from confide.privacy.secagg import SecAggClient, SecAggError
+from confide.privacy.secagg import federated as secagg_fl
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.rpc import CoordinatorClient
@@ -132,6 +135,16 @@ class SiteRefused(ConfideError):
 
 class CoordinatorUnreachable(ConfideError):
     """The coordinator stayed unreachable for ``max_attempts`` consecutive attempts."""
+
+
+@dataclass
+class _SecAggRound:
+    """A site's secure-aggregation state between the stages of one round (memory only)."""
+
+    round: int
+    client: SecAggClient
+    update: npt.NDArray[np.float64]
+    examples: int
 
 
 class _Stopped(Exception):
@@ -465,6 +478,7 @@ class SiteAgent:
         self._chunk_bytes = wire.DEFAULT_CHUNK_BYTES
         self._failures = 0
         self._last_error = ""
+        self._secagg: _SecAggRound | None = None
 
     def _client(self) -> CoordinatorClient:
         if self._stub is None:  # the channel was closed under us: stopping or reconnecting
@@ -701,7 +715,7 @@ class SiteAgent:
             self._failures = 0  # a working session: the next outage starts at 0.5 s again
             if task.kind == pb.Task.STOP:
                 return
-            if task.kind in (pb.Task.TRAIN, pb.Task.EVALUATE):
+            if task.kind in (pb.Task.TRAIN, pb.Task.EVALUATE, pb.Task.SECAGG):
                 self._run_task(task)
                 continue
             if task.kind != pb.Task.WAIT:
@@ -716,7 +730,9 @@ class SiteAgent:
 
     def _run_task(self, task: pb.Task) -> None:
         train = task.kind == pb.Task.TRAIN
-        kind = "train" if train else "evaluate"
+        kind = {pb.Task.TRAIN: "train", pb.Task.SECAGG: "secure-aggregation"}.get(
+            task.kind, "evaluate"
+        )
         _event(
             "task",
             f"round {task.round}: {kind} task {task.task_id} received",
@@ -729,7 +745,10 @@ class SiteAgent:
         heartbeat = _Heartbeat(self, self._session, task.task_id, self._heartbeat_seconds)
         try:
             with heartbeat:
-                self._do_task(task, train, heartbeat)
+                if task.kind == pb.Task.SECAGG:
+                    self._do_secagg(task)
+                else:
+                    self._do_task(task, train, heartbeat)
         except _TaskFailed as e:
             _event(
                 "task_failed",
@@ -795,9 +814,82 @@ class SiteAgent:
                 task_id=task.task_id,
             )
             return
+        if train and task.config and "secagg.site" in task.config:
+            payload = self._secagg_begin(task, model, payload)
         heartbeat.set("uploading", 0.9)
         self._upload(task, payload)
         heartbeat.set("done", 1.0)
+
+    # --- secure aggregation (confide.privacy.secagg) --------------------------------------
+
+    def _secagg_begin(
+        self, task: pb.Task, model: wire.Payload, payload: wire.Payload
+    ) -> wire.Payload:
+        """Keep the update here; send only public keys and the app's training metrics.
+
+        The update and its example count leave the site only masked (stage 3).
+        """
+        try:
+            cfg, site = secagg_fl.config_from_record(wire.decode_records(task.config))
+            update = secagg_fl.flatten_update(payload.arrays, model.arrays)
+            client = SecAggClient(cfg, site)
+        except (SecAggError, ConfigError, wire.WireError) as e:
+            raise _TaskFailed("SECAGG_REFUSED", f"secure aggregation setup refused: {e}") from None
+        n = int(payload.metrics.get(wire.NUM_EXAMPLES, 0))
+        self._secagg = _SecAggRound(int(task.round), client, update, n)
+        metrics: dict[str, wire.ScalarValue] = {
+            k: v for k, v in payload.metrics.items() if k != wire.NUM_EXAMPLES
+        }
+        metrics.update(secagg_fl.to_record(client.advertise()))
+        _event(
+            "secagg",
+            f"round {task.round}: secure aggregation as site {site} of {cfg.sites} "
+            f"(k={cfg.neighbours}, t={cfg.threshold}); keys advertised",
+            task_id=task.task_id,
+            stage=1,
+        )
+        return wire.Payload(task.task_id, [], [], metrics, {})
+
+    def _do_secagg(self, task: pb.Task) -> None:
+        try:
+            config = wire.decode_records(task.config)
+        except wire.WireError as e:
+            raise _TaskFailed("TASK_FAILED", f"the task's config is malformed: {e}") from None
+        stage = config.get("secagg.stage")
+        state = self._secagg
+        if state is None or state.round != task.round:
+            raise _TaskFailed(
+                "SECAGG_STATE_LOST",
+                f"round {task.round}: this site holds no secure-aggregation state for the "
+                "round (it restarted after training); it counts as dropped",
+            )
+        names: list[str] = []
+        arrays: list[npt.NDArray[Any]] = []
+        try:
+            if stage == 2:
+                msg: object = state.client.share_keys(secagg_fl.adverts_from_record(config))
+            elif stage == 3:
+                masked = state.client.masked_input(
+                    secagg_fl.boxes_from_record(config), state.update, state.examples
+                )
+                msg, names, arrays = masked, ["secagg.masked"], [masked.vector]
+                state.update = np.zeros(0)  # the plain update is no longer needed
+            elif stage == 4:
+                msg = state.client.unmask(secagg_fl.request_from_record(config))
+                self._secagg = None
+            else:
+                raise _TaskFailed("TASK_FAILED", f"unknown secure-aggregation stage {stage!r}")
+        except SecAggError as e:
+            self._secagg = None
+            raise _TaskFailed("SECAGG_REFUSED", str(e)) from None
+        _event(
+            "secagg",
+            f"round {task.round}: secure aggregation stage {stage} "
+            f"({secagg_fl.STAGES.get(int(stage), '?')}) done",
+            task_id=task.task_id,
+            stage=stage,
+        )
+        self._upload(task, wire.Payload(task.task_id, names, arrays, secagg_fl.to_record(msg), {}))
 
     def _download(self, task: pb.Task) -> wire.Payload:
         request = pb.DownloadModelRequest(session_id=self._session, model_id=task.model_id)
@@ -817,7 +909,11 @@ class SiteAgent:
 
     def _instruction(self, task: pb.Task, train: bool, model: wire.Payload) -> Message:
         try:
-            config: dict[str, Any] = dict(wire.decode_records(task.config))
+            config: dict[str, Any] = {
+                k: v
+                for k, v in wire.decode_records(task.config).items()
+                if not k.startswith("secagg.")
+            }
         except wire.WireError as e:
             raise _TaskFailed("TASK_FAILED", f"the task's config is malformed: {e}") from None
         config["server-round"] = int(task.round)

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from confide.config import first_error, fix, load_toml
+from confide.errors import ConfigError
+from confide.privacy.secagg.federated import SecAggSettings
 
 Scalar = int | float | bool | str
 
@@ -34,6 +36,12 @@ class FederationSection(_Section):
     )
     server_lr: float | None = Field(None, gt=0, json_schema_extra=fix("use a positive rate"))
     seed: int = Field(0, ge=0, json_schema_extra=fix("use a non-negative integer"))
+    secure_aggregation: Literal["none", "secagg+"] = Field(
+        "none",
+        json_schema_extra=fix(
+            "use none, or secagg+ (the coordinator learns only the sum; [secagg] tunes it)"
+        ),
+    )
 
 
 class SelectionSection(_Section):
@@ -102,6 +110,10 @@ class FederationConfig(_Section):
         json_schema_extra=fix("use key = value pairs of numbers, booleans or strings"),
     )
     server: ServerSection = Field(default_factory=ServerSection)
+    secagg: SecAggSettings = Field(
+        default_factory=SecAggSettings,
+        json_schema_extra=fix("see docs/secure-aggregation.md for the [secagg] keys"),
+    )
     base_dir: Path = Field(Path("."), exclude=True)
 
     @field_validator("train")
@@ -134,6 +146,14 @@ class FederationConfig(_Section):
             section, key = dotted.split(".", 1)
             raw.setdefault(section, {})[key] = value
         try:
-            return cls(**raw)
+            cfg = cls(**raw)
         except ValidationError as e:
             raise first_error(e, cls) from None
+        if cfg.federation.secure_aggregation != "none" and cfg.selection.min_sites < 3:
+            raise ConfigError(
+                "selection.min_sites",
+                f"secure aggregation needs at least 3 sites per round (got "
+                f"{cfg.selection.min_sites})",
+                "set min_sites >= 3, or federation.secure_aggregation = none",
+            )
+        return cfg

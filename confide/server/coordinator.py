@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,15 @@ from confide.client.models import MODELS, build_model, get_weights
 from confide.errors import ConfideError, ConfigError
 from confide.logs import JsonFormatter
 from confide.privacy.crypto import load_coordinator
+from confide.privacy.secagg import (
+    Aggregate,
+    ProtocolViolation,
+    SecAggAborted,
+    SecAggConfig,
+    SecAggServer,
+    UnmaskReply,
+)
+from confide.privacy.secagg import federated as secagg_fl
 from confide.rpc import add_coordinator_service
 from confide.server.config import FederationConfig
 from confide.server.history import History, RoundRecord
@@ -227,6 +238,9 @@ class Coordinator:
     # --- validation of results ----------------------------------------------------------
 
     def validate(self, task: TaskSpec, payload: Payload) -> None:
+        if task.kind is Kind.SECAGG or (task.kind is Kind.TRAIN and "secagg.site" in task.config):
+            self._validate_secagg(task, payload)
+            return
         n = payload.metrics.get(NUM_EXAMPLES)
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_EXAMPLES:
             raise Rejected(f"metric {NUM_EXAMPLES!r} must be an integer in 0..{MAX_EXAMPLES}")
@@ -248,6 +262,41 @@ class Coordinator:
                 raise Rejected(f"array {i} ({self.names[i]}) has dtype {got.dtype}, expected float")
         if not finite(payload.arrays):
             raise Rejected("the update holds NaN or infinite values")
+
+    def _validate_secagg(self, task: TaskSpec, payload: Payload) -> None:
+        """Parse a secure-aggregation message; the round loop feeds it to the protocol."""
+        for key, value in payload.metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Rejected(f"metric {key!r} is not finite")
+        stage = 1 if task.kind is Kind.TRAIN else task.config.get("secagg.stage")
+        site = task.config.get("secagg.site")
+        try:
+            if stage == 3:
+                dim = int(task.config["secagg.dim"])  # set by this coordinator
+                if len(payload.arrays) != 1:
+                    raise Rejected("a masked input is exactly one array")
+                vec = payload.arrays[0]
+                if vec.dtype != np.uint32 or vec.shape != (dim + 1,):
+                    raise Rejected(
+                        f"a masked input must be uint32 of shape ({dim} + 1,), got {vec.dtype} "
+                        f"{vec.shape}"
+                    )
+                got = secagg_fl.masked_from_record(payload.metrics, vec).site
+            else:
+                if payload.arrays:
+                    raise Rejected("this secure-aggregation stage carries no arrays")
+                if stage == 1:
+                    got = secagg_fl.advert_from_record(payload.metrics).site
+                elif stage == 2:
+                    got = secagg_fl.shared_from_record(payload.metrics).site
+                elif stage == 4:
+                    got = secagg_fl.reply_from_record(payload.metrics).site
+                else:
+                    raise Rejected(f"unknown secure-aggregation stage {stage!r}")
+        except ProtocolViolation as e:
+            raise Rejected(f"malformed secure-aggregation message: {e}") from None
+        if got != site:
+            raise Rejected(f"the message names site {got}, this site is {site!r} in the round")
 
     # --- the federation ----------------------------------------------------------------
 
@@ -341,6 +390,20 @@ class Coordinator:
             )
             model_id = self._publish_model(rnd)
             config: dict[str, Any] = {**self.cfg.train, "server-round": rnd}
+            secure: SecAggConfig | None = None
+            per_site: dict[str, secagg_fl.Record] | None = None
+            if self.cfg.federation.secure_aggregation != "none":
+                secure = secagg_fl.round_config(
+                    self.cfg.secagg,
+                    len(chosen),
+                    secagg_fl.update_dim(self.weights),
+                    federation=self.cfg.federation.name,
+                    rnd=rnd,
+                    attempt=attempt,
+                )
+                per_site = {
+                    site: secagg_fl.config_record(secure, i + 1) for i, site in enumerate(chosen)
+                }
             phase = self.board.publish(
                 Kind.TRAIN,
                 rnd,
@@ -349,6 +412,7 @@ class Coordinator:
                 config,
                 target=target,
                 deadline_seconds=sel.deadline_seconds,
+                per_site=per_site,
             )
             self.board.wait_phase(phase, self.stop_event)
             if self.stop_event.is_set():
@@ -367,22 +431,56 @@ class Coordinator:
                     rnd, attempt, "failed", succeeded=sorted(phase.results), failures=phase.failures
                 )
                 continue
-            self._complete_round(rnd, attempt, phase, start)
+            outcome = None
+            if secure is not None:
+                try:
+                    outcome = self._secure_aggregate(rnd, secure, chosen, phase)
+                except SecAggAborted as e:
+                    log.warning(
+                        "round %d attempt %d: secure aggregation aborted: %s", rnd, attempt, e
+                    )
+                    failures = {**phase.failures, "secure aggregation": str(e)}
+                    self.store.round_finished(
+                        rnd, attempt, "failed", succeeded=sorted(phase.results), failures=failures
+                    )
+                    continue
+                if self.stop_event.is_set():
+                    self.store.round_finished(rnd, attempt, "interrupted", failures=phase.failures)
+                    return True
+            self._complete_round(rnd, attempt, phase, start, outcome)
             return True
         raise NotEnoughSites(
             f"round {rnd} failed {sel.max_attempts} times. Fix: check the sites' logs, raise "
             "selection.deadline_seconds, or lower selection.min_sites"
         )
 
-    def _complete_round(self, rnd: int, attempt: int, phase: Phase, start: float) -> None:
-        results = [
-            SiteResult(list(p.arrays), int(p.metrics[NUM_EXAMPLES]))  # validated int
-            for _, p in sorted(phase.results.items())
-        ]
-        self.weights = self.strategy.aggregate(self.weights, results)
-        train = weighted_metrics(
-            [(int(p.metrics[NUM_EXAMPLES]), _numbers(p.metrics)) for p in phase.results.values()]
-        )
+    def _complete_round(
+        self, rnd: int, attempt: int, phase: Phase, start: float, secure: _Secure | None = None
+    ) -> None:
+        if secure is None:
+            results = [
+                SiteResult(list(p.arrays), int(p.metrics[NUM_EXAMPLES]))  # validated int
+                for _, p in sorted(phase.results.items())
+            ]
+            self.weights = self.strategy.aggregate(self.weights, results)
+            train = weighted_metrics(
+                [
+                    (int(p.metrics[NUM_EXAMPLES]), _numbers(p.metrics))
+                    for p in phase.results.values()
+                ]
+            )
+            succeeded = sorted(phase.results)
+            examples = sum(int(p.metrics[NUM_EXAMPLES]) for p in phase.results.values())
+            failures = dict(phase.failures)
+        else:
+            mean = secagg_fl.apply_mean_update(self.weights, secure.aggregate.mean)
+            self.weights = self.strategy.apply(self.weights, mean)
+            # Sites' counts are secret: their training metrics are averaged unweighted.
+            train = weighted_metrics(
+                [(1, _numbers(phase.results[s].metrics)) for s in secure.survivors]
+            )
+            succeeded, examples = secure.survivors, secure.aggregate.count
+            failures = {**phase.failures, **secure.failures}
         evaluation = self._evaluate(rnd)
         state = self.strategy.state() if isinstance(self.strategy, FedAdam) else None
         self.store.save_checkpoint(rnd, self.names, self.weights, state)
@@ -390,8 +488,8 @@ class Coordinator:
             rnd,
             attempt,
             "ok",
-            succeeded=sorted(phase.results),
-            failures=phase.failures,
+            succeeded=succeeded,
+            failures=failures,
             train_metrics=train,
             eval_metrics=evaluation,
         )
@@ -399,15 +497,16 @@ class Coordinator:
         record = RoundRecord(
             round=rnd,
             sites_selected=len(phase.tasks),
-            sites_succeeded=len(phase.results),
+            sites_succeeded=len(succeeded),
             train_loss=train.get("train_loss"),
             train_accuracy=train.get("train_accuracy"),
-            train_examples=sum(int(p.metrics[NUM_EXAMPLES]) for p in phase.results.values()),
+            train_examples=examples,
             eval_loss=evaluation.get("eval_loss"),
             eval_accuracy=evaluation.get("eval_accuracy"),
             eval_examples=int(evaluation.get(NUM_EXAMPLES, 0)),
             seconds=time.time() - start,
-            failures=[f"{s}: {r}" for s, r in sorted(phase.failures.items())],
+            failures=[f"{s}: {r}" for s, r in sorted(failures.items())],
+            secure_aggregation=None if secure is None else secure.summary(),
         )
         self.history.add(record)
         self.history.save(self.cfg.state_dir / "history.json")
@@ -422,6 +521,77 @@ class Coordinator:
             f"{100 * acc:.1f}%" if acc is not None else "-",
             record.seconds,
         )
+
+    def _secure_aggregate(
+        self, rnd: int, cfg: SecAggConfig, chosen: list[str], train: Phase
+    ) -> _Secure:
+        """Stages 2-4 of SecAgg+ after the TRAIN phase (stage 1: the sites' public keys).
+
+        Each stage is a phase of SECAGG tasks with its own deadline; a site that misses
+        one, or sends something the protocol refuses, counts as dropped from then on.
+        The coordinator only ever holds masked vectors and, at the end, their sum.
+        """
+        ids = {site: i + 1 for i, site in enumerate(chosen)}
+        names = {i: site for site, i in ids.items()}
+        server = SecAggServer(cfg)
+        failures: dict[str, str] = {}
+
+        def feed(phase: Phase, add: Callable[[Payload], None]) -> None:
+            for site, payload in sorted(phase.results.items()):
+                try:
+                    add(payload)
+                except ProtocolViolation as e:
+                    failures[site] = f"secure aggregation: {e}"
+                    log.warning("round %d: %s dropped from secure aggregation: %s", rnd, site, e)
+            for site, reason in phase.failures.items():
+                failures.setdefault(site, f"secure aggregation: {reason}")
+
+        def stage(number: int, records: Mapping[int, secagg_fl.Record]) -> Phase:
+            sites = [names[i] for i in sorted(records)]
+            phase = self.board.publish(
+                Kind.SECAGG,
+                rnd,
+                sites,
+                "",
+                {"secagg.stage": number, **secagg_fl.config_record(cfg, 0)},
+                target=len(sites),
+                deadline_seconds=self.cfg.secagg.stage_deadline_seconds,
+                per_site={names[i]: {"secagg.site": i, **r} for i, r in records.items()},
+            )
+            self.board.wait_phase(phase, self.stop_event)
+            log.info(
+                "round %d: secure aggregation stage %d (%s): %d/%d sites",
+                rnd,
+                number,
+                secagg_fl.STAGES[number],
+                len(phase.results),
+                len(sites),
+            )
+            return phase
+
+        feed(train, lambda p: server.add_advert(secagg_fl.advert_from_record(p.metrics)))
+        keys = server.key_lists()
+        shared = stage(2, {i: secagg_fl.adverts_record(a) for i, a in keys.items()})
+        feed(shared, lambda p: server.add_shared(secagg_fl.shared_from_record(p.metrics)))
+        boxes = server.share_boxes()
+        masked = stage(3, {i: secagg_fl.boxes_record(b) for i, b in boxes.items()})
+        feed(
+            masked,
+            lambda p: server.add_masked(secagg_fl.masked_from_record(p.metrics, p.arrays[0])),
+        )
+        requests = server.unmask_requests()
+        unmasked = stage(4, {i: secagg_fl.to_record(r) for i, r in requests.items()})
+        replies: list[UnmaskReply] = []
+        feed(unmasked, lambda p: replies.append(secagg_fl.reply_from_record(p.metrics)))
+        aggregate = server.unmask(replies)
+        for i in aggregate.excluded:
+            failures[names[i]] = (
+                "secure aggregation: excluded (a share it sent failed authentication)"
+            )
+        survivors = [names[i] for i in aggregate.survivors]
+        for site in survivors:
+            failures.pop(site, None)  # e.g. missed the unmask stage: its input still counts
+        return _Secure(cfg, aggregate, survivors, failures)
 
     def _evaluate(self, rnd: int) -> dict[str, float]:
         ev = self.cfg.evaluation
@@ -485,6 +655,28 @@ class Coordinator:
                 )
             )
         return history
+
+
+@dataclass
+class _Secure:
+    """The outcome of a securely aggregated round."""
+
+    config: SecAggConfig
+    aggregate: Aggregate
+    survivors: list[str]
+    failures: dict[str, str]
+
+    def summary(self) -> dict[str, Any]:
+        a = self.aggregate
+        return {
+            "mode": "full" if self.config.full else "secagg+",
+            "neighbours": self.config.neighbours,
+            "threshold": self.config.threshold,
+            "survivors": len(a.survivors),
+            "dropped": len(a.dropped),
+            "excluded": len(a.excluded),
+            "error_bound": a.error_bound,
+        }
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

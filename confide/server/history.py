@@ -28,6 +28,8 @@ class RoundRecord:
     test_accuracy: float | None = None
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    # Secure aggregation of the round, when on: k, t, survivors, dropped, error bound.
+    secure_aggregation: dict[str, Any] | None = None
 
 
 @dataclass

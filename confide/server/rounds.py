@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -27,6 +27,7 @@ from confide.wire import Payload, ScalarValue
 class Kind(str, Enum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+    SECAGG = "secagg"  # a secure-aggregation stage of the round's training
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,12 @@ class RoundBoard:
         *,
         target: int,
         deadline_seconds: float,
+        per_site: Mapping[str, Mapping[str, ScalarValue]] | None = None,
     ) -> Phase:
-        """Open a phase: one task per site, closing after ``target`` results or the deadline."""
+        """Open a phase: one task per site, closing after ``target`` results or the deadline.
+
+        ``per_site`` adds site-specific entries to a task's config (secure aggregation).
+        """
         deadline = time.time() + deadline_seconds
         with self._cv:
             tasks: dict[str, TaskSpec] = {}
@@ -166,7 +171,7 @@ class RoundBoard:
                     kind,
                     rnd,
                     model_id,
-                    dict(config),
+                    {**config, **(per_site or {}).get(site, {})},
                     deadline,
                 )
                 tasks[task.task_id] = task

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("confide.coordinator")
 
-_KIND = {Kind.TRAIN: pb.Task.TRAIN, Kind.EVALUATE: pb.Task.EVALUATE}
+_KIND = {Kind.TRAIN: pb.Task.TRAIN, Kind.EVALUATE: pb.Task.EVALUATE, Kind.SECAGG: pb.Task.SECAGG}
 
 
 class CoordinatorService:

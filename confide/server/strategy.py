@@ -99,6 +99,10 @@ class Strategy(Protocol):
         """Return the next global weights."""
         ...
 
+    def apply(self, global_weights: Weights, mean: Weights) -> Weights:
+        """Return the next global weights given the sites' weighted mean model."""
+        ...
+
 
 class FedAvg:
     """Federated averaging (McMahan et al. 2017) with an optional server learning rate.
@@ -115,7 +119,11 @@ class FedAvg:
         self.server_lr = server_lr
 
     def aggregate(self, global_weights: Weights, results: Sequence[SiteResult]) -> Weights:
-        mean = weighted_mean(results)
+        return self.apply(global_weights, weighted_mean(results))
+
+    def apply(self, global_weights: Weights, mean: Weights) -> Weights:
+        """Next global weights from the sites' example-weighted mean model (which secure
+        aggregation delivers without any single site's model)."""
         _check_compatible(global_weights, mean, "the aggregate")
         if self.server_lr == 1.0:
             return mean
@@ -161,7 +169,10 @@ class FedAdam:
         self.v: list[npt.NDArray[np.float64]] | None = None
 
     def aggregate(self, global_weights: Weights, results: Sequence[SiteResult]) -> Weights:
-        mean = weighted_mean(results)
+        return self.apply(global_weights, weighted_mean(results))
+
+    def apply(self, global_weights: Weights, mean: Weights) -> Weights:
+        """Next global weights from the sites' example-weighted mean model."""
         _check_compatible(global_weights, mean, "the aggregate")
         if self.m is None or self.v is None:
             self.m = [np.zeros(g.shape, dtype=np.float64) for g in global_weights]

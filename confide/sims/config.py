@@ -6,12 +6,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from confide.client.data import PartitionSpec
 from confide.client.tasks import TASKS, DataSettings, Task, get_task
 from confide.config import first_error, fix, load_toml
 from confide.errors import ConfigError
+from confide.privacy.secagg.federated import SecAggSettings
 
 
 class SimRunConfig(BaseModel):
@@ -62,6 +70,16 @@ class SimRunConfig(BaseModel):
     )
     central_eval: bool = Field(True, json_schema_extra=fix("use true or false"))
     max_test_samples: int | None = Field(None, ge=1, json_schema_extra=fix("use >= 1"))
+    secure_aggregation: Literal["none", "secagg+"] = Field(
+        "none",
+        json_schema_extra=fix(
+            "use none, or secagg+ (the server learns only the sum; [secagg] tunes it)"
+        ),
+    )
+    secagg: SecAggSettings = Field(
+        default_factory=SecAggSettings,
+        json_schema_extra=fix("see docs/secure-aggregation.md for the [secagg] keys"),
+    )
 
     @field_validator("task")
     @classmethod
@@ -103,6 +121,17 @@ class SimRunConfig(BaseModel):
         if isinstance(sites, int) and v > sites:
             raise ValueError(f"exceeds the number of sites ({sites})")
         return v
+
+    def check_secure_aggregation(self) -> None:
+        """Secure aggregation hides each update among at least three per round."""
+        per_round = min(self.sites, max(self.min_sites, round(self.fraction * self.sites)))
+        if self.secure_aggregation != "none" and per_round < 3:
+            raise ConfigError(
+                "min_sites",
+                f"secure aggregation needs at least 3 sites per round, this run selects "
+                f"{per_round}",
+                "set sites and min_sites to 3 or more, or secure_aggregation = none",
+            )
 
     @field_validator("data_dir")
     @classmethod
@@ -150,9 +179,11 @@ class SimRunConfig(BaseModel):
         flags = {k: v for k, v in values.items() if v is not None}
         merged.update(flags)
         try:
-            return cls(**merged)
+            cfg = cls(**merged)
         except ValidationError as e:
             raise first_error(e, cls, flag_fields=flags) from None
+        cfg.check_secure_aggregation()
+        return cfg
 
 
 __all__ = ["SimRunConfig"]

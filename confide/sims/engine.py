@@ -39,6 +39,14 @@ from confide.client.apps import make_client_app
 from confide.client.models import build_model, get_weights, set_weights
 from confide.client.training import evaluate
 from confide.errors import ConfideError
+from confide.privacy.secagg import SecAggAborted
+from confide.privacy.secagg.federated import (
+    apply_mean_update,
+    flatten_update,
+    round_config,
+    secure_mean,
+    update_dim,
+)
 from confide.server.history import History, RoundRecord
 from confide.server.strategy import (
     SiteResult,
@@ -144,6 +152,7 @@ class InProcessEngine:
         on_round: Callable[[RoundRecord], None] | None = None,
         stop_when: Callable[[RoundRecord], bool] | None = None,
     ) -> None:
+        cfg.check_secure_aggregation()
         self.cfg = cfg
         self.app = app if app is not None else make_client_app(cfg.task)
         self.console = console if console is not None else Console(stderr=True)
@@ -205,6 +214,7 @@ class InProcessEngine:
             else None
         )
         results: list[SiteResult] = []
+        results_by_site: dict[int, SiteResult] = {}
         metrics: list[tuple[int, dict[str, float]]] = []
         for site in selected:
             content = RecordDict({"arrays": arrays, "config": config})
@@ -220,6 +230,7 @@ class InProcessEngine:
                 record.failures.append(f"site {site}: {type(e).__name__}: {e}")
             else:
                 results.append(SiteResult(weights, n))
+                results_by_site[site] = results[-1]
                 metrics.append(
                     (n, {k: float(v) for k, v in mrec.items() if isinstance(v, (int, float))})
                 )
@@ -232,12 +243,55 @@ class InProcessEngine:
                 f"round {server_round}: none of the {len(selected)} selected sites returned a "
                 f"result; first failure: {record.failures[0] if record.failures else 'unknown'}"
             )
-        self.weights = self.strategy.aggregate(self.weights, results)
+        if cfg.secure_aggregation == "secagg+":
+            self.weights = self._secure_aggregate(server_round, selected, results_by_site, record)
+        else:
+            self.weights = self.strategy.aggregate(self.weights, results)
         agg = weighted_metrics(metrics)
         record.sites_succeeded = len(results)
         record.train_examples = sum(r.num_examples for r in results)
         record.train_loss = agg.get("train_loss")
         record.train_accuracy = agg.get("train_accuracy")
+
+    def _secure_aggregate(
+        self,
+        server_round: int,
+        selected: list[int],
+        results: dict[int, SiteResult],
+        record: RoundRecord,
+    ) -> Weights:
+        """SecAgg+ over the sites' updates; the strategy sees only their weighted mean.
+
+        The protocol runs in memory through the same client, server and record code as
+        over the network; sites that failed to train count as dropped before stage 1.
+        """
+        cfg = self.cfg
+        ids = {site: i + 1 for i, site in enumerate(selected)}  # protocol ids 1..N
+        sa = round_config(
+            cfg.secagg,
+            len(selected),
+            update_dim(self.weights),
+            federation="simulation",
+            rnd=server_round,
+        )
+        updates = {
+            ids[site]: (flatten_update(r.weights, self.weights), r.num_examples)
+            for site, r in results.items()
+        }
+        try:
+            agg = secure_mean(sa, updates)
+        except SecAggAborted as e:
+            raise RoundFailed(f"round {server_round}: secure aggregation aborted: {e}") from e
+        record.secure_aggregation = {
+            "mode": "full" if sa.full else "secagg+",
+            "neighbours": sa.neighbours,
+            "threshold": sa.threshold,
+            "survivors": len(agg.survivors),
+            "dropped": len(agg.dropped),
+            "excluded": len(agg.excluded),
+            "error_bound": agg.error_bound,
+        }
+        return self.strategy.apply(self.weights, apply_mean_update(self.weights, agg.mean))
 
     def _federated_eval(self, server_round: int, record: RoundRecord) -> None:
         cfg = self.cfg

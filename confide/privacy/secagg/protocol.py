@@ -113,7 +113,7 @@ class SecAggConfig:
         graph_seed: bytes | None = None,
     ) -> SecAggConfig:
         """A validated config with safe defaults: k = min(N-1, 2 ceil(log2 N)) (SecAgg+,
-        Bell et al.), t = floor(2k/3) + 1."""
+        Bell et al.), t = max(floor(k/2) + 1, ceil(2k/3))."""
         k = default_neighbours(sites) if neighbours is None else neighbours
         t = default_threshold(k) if threshold is None else threshold
         cfg = cls(
@@ -155,7 +155,7 @@ class SecAggConfig:
                 "secagg.threshold",
                 f"t = {t} with k = {k}: t must exceed k/2 (else the coordinator could "
                 "collect both secrets of a site) and be at most k",
-                f"use the default floor(2k/3)+1 = {default_threshold(k)}",
+                f"use the default (about 2k/3) = {default_threshold(k)}",
             )
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ConfigError("secagg.clip", f"{self.clip} is not a positive number", "e.g. 8.0")
@@ -185,7 +185,8 @@ def default_neighbours(sites: int) -> int:
 
 
 def default_threshold(neighbours: int) -> int:
-    return (2 * neighbours) // 3 + 1
+    """About 2/3 of the neighbours, and always more than half (see ``validate``)."""
+    return max(neighbours // 2 + 1, math.ceil(2 * neighbours / 3))
 
 
 _GRAPHS: dict[tuple[int, int, bytes], dict[int, tuple[int, ...]]] = {}

@@ -121,11 +121,13 @@ class Task(_message.Message):
         TRAIN: _ClassVar[Task.Kind]
         EVALUATE: _ClassVar[Task.Kind]
         STOP: _ClassVar[Task.Kind]
+        SECAGG: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WAIT: Task.Kind
     TRAIN: Task.Kind
     EVALUATE: Task.Kind
     STOP: Task.Kind
+    SECAGG: Task.Kind
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
