@@ -112,6 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         model=args.model,
         data_dir=args.data_dir,
         verbose_sites=args.show_sites,
+        secure_aggregation=args.secure_aggregation,
     )
 
 
@@ -160,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="cnn", choices=["cnn", "cnn-small"])
     demo.add_argument("--data-dir", type=Path, default=None)
     demo.add_argument("--show-sites", action="store_true", help="print the sites' logs too")
+    demo.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="aggregate with SecAgg+: the coordinator learns only the sum of the updates",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

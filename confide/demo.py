@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from confide.errors import ConfideError
+from confide.errors import ConfideError, ConfigError
 
 FEDERATION = "demo"
 
@@ -49,6 +49,7 @@ def write_configs(
     data_dir: Path | None,
     samples: int,
     model: str,
+    secure_aggregation: bool = False,
 ) -> tuple[Path, list[Path]]:
     """PKI, kits and the TOML files of a local federation under ``out``."""
     from confide.privacy.crypto import init_ca, issue
@@ -56,6 +57,8 @@ def write_configs(
     address = f"127.0.0.1:{port}"
     init_ca(out / "pki", FEDERATION, coordinator_address=address)
     fed = out / "federation.toml"
+    secure = 'secure_aggregation = "secagg+"   # the coordinator learns only the sum\n'
+    min_sites = max(3, sites - 1) if secure_aggregation else max(1, sites - 1)
     fed.write_text(
         f"""# The demo federation: {sites} sites, {rounds} rounds of FedAvg on the MNIST CNN.
 [federation]
@@ -64,9 +67,9 @@ model = "{model}"
 rounds = {rounds}
 strategy = "fedavg"
 seed = 0
-
+{secure if secure_aggregation else ""}
 [selection]
-min_sites = {max(1, sites - 1)}      # a round still counts if one site drops out
+min_sites = {min_sites}      # a round still counts if one site drops out
 expected_sites = {sites}  # wait for everyone before the first round
 fraction = 1.0
 deadline_seconds = 300
@@ -128,6 +131,7 @@ def run_demo(
     data_dir: Path | None = None,
     timeout: float = 900.0,
     verbose_sites: bool = False,
+    secure_aggregation: bool = False,
 ) -> int:
     """Run the demo federation; returns the coordinator's exit code."""
     out = out.resolve()  # the children run inside `out`, so every path must be absolute
@@ -135,12 +139,22 @@ def run_demo(
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True)
     port = free_port()
+    if secure_aggregation and sites < 3:
+        raise ConfigError("--sites", "secure aggregation needs at least 3 sites", "use --sites 3")
     fed, site_files = write_configs(
-        out, sites=sites, rounds=rounds, port=port, data_dir=data_dir, samples=samples, model=model
+        out,
+        sites=sites,
+        rounds=rounds,
+        port=port,
+        data_dir=data_dir,
+        samples=samples,
+        model=model,
+        secure_aggregation=secure_aggregation,
     )
     print(
         f"federation {FEDERATION!r}: coordinator on 127.0.0.1:{port}, "
         f"{sites} sites, {rounds} rounds"
+        + (", secure aggregation (SecAgg+)" if secure_aggregation else "")
     )
     print(f"  CA and kits:  {out / 'pki'} , {out / 'kits'}")
     env = dict(os.environ)

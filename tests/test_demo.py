@@ -81,3 +81,17 @@ def test_ctrl_c_stops_every_process_of_the_demo(tmp_path: Path) -> None:
     assert "interrupted: stopping every process" in rest
     time.sleep(0.5)
     assert not _processes_mentioning(str(out))
+
+
+def test_demo_with_secure_aggregation(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = _demo(out, "--rounds", "1", "--secure-aggregation")
+    stdout, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "secure aggregation (SecAgg+)" in stdout
+    assert "secure aggregation stage 4 (unmask): 3/3 sites" in stdout
+    history = json.loads((out / "state" / "history.json").read_text())
+    info = history["rounds"][-1]["secure_aggregation"]
+    assert info["survivors"] == 3 and info["neighbours"] == 2 and info["threshold"] == 2
+    assert history["rounds"][-1]["eval_accuracy"] > history["rounds"][0]["eval_accuracy"]
+    assert not _processes_mentioning(str(out))

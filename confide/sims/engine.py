@@ -407,6 +407,8 @@ class InProcessEngine:
                 )
         if r.round > 0:
             parts.append(f"{r.sites_succeeded}/{r.sites_selected} sites")
+            if r.secure_aggregation is not None:
+                parts.append(f"secagg ±{r.secure_aggregation['error_bound']:.1e}")
             parts.append(f"{r.seconds:.1f} s")
         if r.failures:
             parts.append(f"[yellow]{len(r.failures)} failure(s): {r.failures[0]}[/yellow]")
