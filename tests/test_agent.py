@@ -36,6 +36,7 @@ from confide.client.agent_cli import add_site_parser
 from confide.client.models import build_model, get_weights
 from confide.errors import ConfigError
 from confide.privacy.crypto import Kit, init_ca, issue, load_coordinator, load_kit
+from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.protos.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -107,7 +108,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         session = f"s{len(self.s.joins)}"
         self.s.sessions.append(session)
         return pb.JoinReply(
-            protocol_version=1,
+            protocol_version=PROTOCOL_VERSION,
             federation=FED,
             site_id="hospital-a",
             session_id=session,
@@ -261,7 +262,7 @@ def test_site_trains_evaluates_and_stops_over_mutual_tls(
     agent = SiteAgent(pki.kit, _config(port))
     assert _run(agent) == 0
 
-    assert len(script.joins) == 1 and script.joins[0].protocol_version == 1
+    assert len(script.joins) == 1 and script.joins[0].protocol_version == PROTOCOL_VERSION
     assert script.errors == []
     trained, evaluated = script.uploads
     assert trained.task_id == "t1" and trained.names == model.names

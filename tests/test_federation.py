@@ -323,8 +323,9 @@ def test_a_model_is_served_in_the_chunk_size_a_site_asks_for_within_bounds(
         default, _ = coordinator.model_chunks(model_id, 0) or ([], 0)
         small, size = coordinator.model_chunks(model_id, 100_000) or ([], 0)
         tiny, _ = coordinator.model_chunks(model_id, 1) or ([], 0)  # clamped to 64 KiB
-        assert len(small) > len(default) and size == sum(c.ByteSize() for c in small)
-        assert max(len(c.data) for c in tiny if c.WhichOneof("part") == "data") == 64 * 1024
+        assert len(small) > len(default) and size == sum(len(c) for c in small)
+        parts = [pb.Chunk.FromString(c) for c in tiny]  # frames are serialized Chunks
+        assert max(len(c.data) for c in parts if c.WhichOneof("part") == "data") == 64 * 1024
         for chunks in (default, small, tiny):
             out = decode(chunks, max_bytes=1 << 30)
             for a, b in zip(out.arrays, coordinator.weights, strict=True):
