@@ -154,3 +154,37 @@ def test_secagg_config_needs_three_sites(tmp_path: Path) -> None:
     fed.doc["secagg"] = {"threshold": 0.3}
     with pytest.raises(ConfigError, match=r"secagg\.threshold"):
         FederationConfig.load(fed.toml)
+
+
+def test_the_coordinator_rejects_malformed_secagg_messages(tmp_path: Path) -> None:
+    """Checked before they reach the protocol: the site gets the reason, the round goes on."""
+    from confide.server.coordinator import Coordinator
+    from confide.server.rounds import Kind, Rejected, TaskSpec
+    from confide.wire import Payload
+
+    fed = make_federation(tmp_path, rounds=1, min_sites=3, sites=("a", "b", "c"))
+    fed.doc["federation"]["secure_aggregation"] = "secagg+"
+    coordinator = Coordinator(fed.config())
+    try:
+        config = {"secagg.stage": 3, "secagg.dim": 10, "secagg.site": 2}
+        task = TaskSpec("t1", "b", Kind.SECAGG, 1, "", config, time.time() + 60)
+        ok = {"secagg.site": 2, "secagg.bad": b""}
+        coordinator.validate(task, Payload("t1", ["m"], [np.zeros(11, np.uint32)], ok))
+        for arrays, metrics, reason in [
+            ([np.zeros(11, np.float32)], ok, "uint32"),
+            ([np.zeros(10, np.uint32)], ok, r"shape \(10 \+ 1,\)"),
+            ([], ok, "exactly one array"),
+            ([np.zeros(11, np.uint32)], {**ok, "secagg.site": 3}, "names site 3"),
+            ([np.zeros(11, np.uint32)], {"secagg.site": 2}, "secagg.bad"),
+        ]:
+            with pytest.raises(Rejected, match=reason):
+                coordinator.validate(task, Payload("t1", ["m"] * len(arrays), arrays, metrics))
+        train = TaskSpec("t0", "b", Kind.TRAIN, 1, "m", {"secagg.site": 2}, time.time() + 60)
+        with pytest.raises(Rejected, match="keys"):
+            coordinator.validate(train, Payload("t0", [], [], {"secagg.keys": b"short"}))
+        with pytest.raises(Rejected, match="carries no arrays"):
+            coordinator.validate(
+                train, Payload("t0", ["w"], [np.zeros(3, np.float32)], {"num-examples": 5})
+            )
+    finally:
+        coordinator.store.close()

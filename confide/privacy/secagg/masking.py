@@ -45,30 +45,42 @@ def levels(sites: int) -> int:
 
 
 class MaskExpander:
-    """Expands 16-byte seeds into uint32 masks of length ``dim``, reusing its buffers."""
+    """Expands 16-byte seeds into uint32 masks of length ``dim``, reusing its buffers.
+
+    :meth:`add` works in blocks of :data:`BLOCK` words, so each block of keystream is
+    added while it is still in the CPU cache (one pass over the accumulator per mask).
+    """
+
+    BLOCK = 1 << 16  # uint32 words: 256 KiB of keystream per step
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._zeros = bytes(4 * dim)
+        block = min(dim, self.BLOCK)
+        self._zeros = bytes(4 * block)
         # update_into may write up to a block beyond the input length.
-        self._buf = bytearray(4 * dim + 16)
-        self._view = np.frombuffer(self._buf, dtype="<u4", count=dim)
+        self._buf = bytearray(4 * block + 16)
+        self._view = np.frombuffer(self._buf, dtype="<u4", count=block)
 
     def expand(self, seed: bytes) -> U32:
-        """The mask of ``seed``; the returned array is overwritten by the next call."""
-        if len(seed) != 16:
-            raise ValueError("mask seeds are 16 bytes (AES-128 keys)")
-        enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
-        enc.update_into(self._zeros, self._buf)
-        return self._view
+        """The whole mask of ``seed`` as a new array (tests and tools; :meth:`add` is faster)."""
+        out = np.zeros(self.dim, dtype=np.uint32)
+        self.add(out, seed)
+        return out
 
     def add(self, acc: U32, seed: bytes, sign: int = 1) -> None:
         """acc += sign * mask(seed) in Z_2^32, in place."""
-        mask = self.expand(seed)
-        if sign >= 0:
-            np.add(acc, mask, out=acc)
-        else:
-            np.subtract(acc, mask, out=acc)
+        if len(seed) != 16:
+            raise ValueError("mask seeds are 16 bytes (AES-128 keys)")
+        if acc.shape != (self.dim,) or acc.dtype != np.uint32:
+            raise ValueError(f"the accumulator must be uint32 of shape ({self.dim},)")
+        enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
+        op = np.add if sign >= 0 else np.subtract
+        block = len(self._view)
+        for start in range(0, self.dim, block):
+            n = min(block, self.dim - start)
+            enc.update_into(self._zeros[: 4 * n], self._buf)
+            part = acc[start : start + n]
+            op(part, self._view[:n], out=part)
 
 
 def quantize(
