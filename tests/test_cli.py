@@ -30,6 +30,11 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
         (["--task", "mnist-cnn", "--model", "char-lstm"], "--model: 'char-lstm' is not a model"),
         (["--task", "mnist-cnn", "--strategy", "fedsgd"], "--strategy:"),
         (["--task", "mnist-cnn", "--sites", "2", "--min-sites", "3"], "--min-sites: exceeds"),
+        (["--task", "mnist-cnn", "--secure-aggregation", "secagg"], "--secure-aggregation:"),
+        (
+            ["--task", "mnist-cnn", "--sites", "2", "--secure-aggregation", "secagg+"],
+            "min_sites: secure aggregation needs at least 3 sites per round",
+        ),
     ],
 )
 def test_bad_values_give_one_line_with_field_and_fix(
@@ -135,6 +140,23 @@ def test_console_script_runs_a_small_federation(tmp_path: Path) -> None:
     assert history["meta"]["config"]["seed"] == 3
     assert (out / "metrics.png").stat().st_size > 10_000
     assert "round   1/1" in proc.stderr
+
+
+def test_console_script_runs_a_secure_aggregation_federation(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--task", "credit-lstm", "--sites", "3", "--min-sites", "3", "--rounds", "1"]
+    args += ["--max-samples-per-site", "200", "--secure-aggregation", "secagg+"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "confide.cli", "sim", "run", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "secagg ±" in proc.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert history["rounds"][-1]["secure_aggregation"]["survivors"] == 3
 
 
 def test_coordinator_config_errors_name_the_field_and_the_fix(
