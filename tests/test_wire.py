@@ -122,12 +122,15 @@ def test_decode_counts_the_serialized_bytes_of_the_stream() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(chunk=st.integers(min_value=1, max_value=300_000))
+@given(chunk=st.integers(min_value=64, max_value=300_000))
 def test_frames_are_the_serialized_chunks_and_decode_in_place(chunk: int) -> None:
     p = _payload()
     frames = list(wire.frames(p, chunk))
     messages = list(encode(p, chunk))
-    assert frames == [m.SerializeToString() for m in messages]
+    # Same messages (protobuf does not fix the byte order of map entries, so the manifest
+    # is compared parsed); data and digest frames are byte-identical.
+    assert [pb.Chunk.FromString(f) for f in frames] == messages
+    assert frames[1:] == [m.SerializeToString() for m in messages[1:]]
     stats = StreamStats()
     out = decode(frames, max_bytes=16 * MB, stats=stats)
     assert stats.wire_bytes == sum(len(f) for f in frames)
