@@ -150,6 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_site_parser(sub)
 
+    deid = sub.add_parser(
+        "deid",
+        help="de-identify site data before training (tables and free text, offline)",
+        description="De-identify a site's data: `table` (roles per column, k-anonymity "
+        "gate, report) and `text` (scrub identifiers from notes). Runs offline.",
+    )
+    deid_sub = deid.add_subparsers(dest="deid_command", metavar="SUBCOMMAND")
+    from confide.privacy.deid import table_cli, text_cli
+
+    table = deid_sub.add_parser(
+        "table",
+        help="de-identify a CSV table with a k-anonymity gate",
+        description="De-identify --in with the roles of --config; writes --out and --report "
+        "only when the k-anonymity / l-diversity gate passes (exit 3 when it fails).",
+    )
+    table_cli.add_arguments(table)
+    table.set_defaults(func=table_cli.run)
+    text = deid_sub.add_parser(
+        "text",
+        help="scrub identifiers from JSON-lines notes",
+        description='Each input line {"id", "text"} becomes {"id", "text", "spans"} with the '
+        "identifiers replaced and their spans over the input text.",
+    )
+    text_cli.add_arguments(text)
+    text.set_defaults(func=text_cli.run)
+    deid.set_defaults(func=lambda a: _help(deid))
+
     demo = sub.add_parser(
         "demo",
         help="run a real local federation: a coordinator and three sites over mutual TLS",

@@ -175,3 +175,32 @@ def test_coordinator_config_errors_name_the_field_and_the_fix(
     code, _, err = _run(capsys, "coordinator", "start", "--config", str(cfg))
     assert code == 2 and "no such coordinator folder" in err and "confide pki init" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_deid_commands_run_from_the_confide_cli(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text(json.dumps({"id": 1, "text": "Call Dr. Smith at 555-123-4567."}) + "\n")
+    code, _, err = _run(capsys, "deid", "text", "--in", str(notes), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    line = json.loads((tmp_path / "o").read_text())
+    assert "555-123-4567" not in line["text"] and "Smith" not in line["text"]
+    assert {s["type"] for s in line["spans"]} >= {"NAME", "PHONE"}
+    cfg = tmp_path / "deid.toml"
+    cfg.write_text('secret_file = "missing.key"\n[columns]\na = "keep"\n')
+    table = tmp_path / "t.csv"
+    table.write_text("a\n1\n")
+    code, _, err = _run(
+        capsys,
+        "deid",
+        "table",
+        "--config",
+        str(cfg),
+        "--in",
+        str(table),
+        "--out",
+        str(tmp_path / "c"),
+    )
+    assert code == 2 and "secret_file" in err and "Fix:" in err
+    assert not (tmp_path / "c").exists()
