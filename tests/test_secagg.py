@@ -37,6 +37,15 @@ class Round:
         self.counts = {i: int(rng.integers(1, 500)) for i in self.clients}
         self.quantized: dict[int, np.ndarray] = {}
 
+    def share(self) -> dict[int, dict[int, bytes]]:
+        """Stages 1-2 for every site; the share boxes each site receives."""
+        for c in self.clients.values():
+            self.server.add_advert(c.advertise())
+        keys = self.server.key_lists()
+        for i, c in self.clients.items():
+            self.server.add_shared(c.share_keys(keys[i]))
+        return self.server.share_boxes()
+
     def run(
         self, drop_at: dict[int, int] | None = None, tamper: tuple[int, int] | None = None
     ) -> tuple[Aggregate, dict[int, UnmaskRequest]]:
@@ -160,12 +169,7 @@ def test_a_tampered_share_fails_authentication_and_excludes_its_sender() -> None
 def test_a_masked_vector_of_the_wrong_length_or_dtype_is_rejected() -> None:
     r = Round(_config(8, 7, 100), seed=1)  # full: 5 surviving holders per seed, t = 5
     srv = r.server
-    for c in r.clients.values():
-        srv.add_advert(c.advertise())
-    keys = srv.key_lists()
-    for i, c in r.clients.items():
-        srv.add_shared(c.share_keys(keys[i]))
-    boxes = srv.share_boxes()
+    boxes = r.share()
     msgs = {i: c.masked_input(boxes[i], r.updates[i], r.counts[i]) for i, c in r.clients.items()}
     with pytest.raises(MaskedInputError, match="expected 101"):
         srv.add_masked(replace(msgs[1], vector=msgs[1].vector[:-1]))
@@ -207,13 +211,7 @@ def test_too_few_survivors_abort_cleanly() -> None:
 
 def test_a_client_never_reveals_both_secrets_of_a_site() -> None:
     r = Round(_config(6, None, 8))
-    srv = r.server
-    for c in r.clients.values():
-        srv.add_advert(c.advertise())
-    keys = srv.key_lists()
-    for i, c in r.clients.items():
-        srv.add_shared(c.share_keys(keys[i]))
-    boxes = srv.share_boxes()
+    boxes = r.share()
     c1 = r.clients[1]
     c1.masked_input(boxes[1], r.updates[1], r.counts[1])
     with pytest.raises(ProtocolViolation, match="both secrets"):
@@ -225,13 +223,7 @@ def test_a_client_never_reveals_both_secrets_of_a_site() -> None:
 
 def test_upload_is_four_bytes_per_parameter() -> None:
     r = Round(_config(5, None, 1000))
-    srv = r.server
-    for c in r.clients.values():
-        srv.add_advert(c.advertise())
-    keys = srv.key_lists()
-    for i, c in r.clients.items():
-        srv.add_shared(c.share_keys(keys[i]))
-    msg = r.clients[1].masked_input(srv.share_boxes()[1], r.updates[1], r.counts[1])
+    msg = r.clients[1].masked_input(r.share()[1], r.updates[1], r.counts[1])
     assert msg.vector.dtype == np.uint32 and msg.vector.nbytes == 4 * (1000 + 1)
 
 
@@ -244,10 +236,4 @@ def test_bad_configs_name_the_field_and_the_fix() -> None:
         SecAggConfig.build(1000, 5, max_weight=1 << 30)
     with pytest.raises(QuantizationError, match=r"secagg\.max_weight"):
         r = Round(_config(5, None, 4))
-        srv = r.server
-        for c in r.clients.values():
-            srv.add_advert(c.advertise())
-        keys = srv.key_lists()
-        for i, c in r.clients.items():
-            srv.add_shared(c.share_keys(keys[i]))
-        r.clients[1].masked_input(srv.share_boxes()[1], r.updates[1], 10**6)
+        r.clients[1].masked_input(r.share()[1], r.updates[1], 10**6)
