@@ -197,6 +197,31 @@ class AgentSettings(BaseModel):
     )
 
 
+class DeidSettings(BaseModel):
+    """[deid]: de-identify the site's raw export before the ClientApp sees any data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: Path = Field(
+        json_schema_extra=fix(
+            "name the deid.toml with a role for every column (docs/deidentification.md)"
+        )
+    )
+    input: Path = Field(json_schema_extra=fix("name the raw CSV export (.csv or .csv.gz)"))
+    output: Path = Field(
+        json_schema_extra=fix(
+            "name where the de-identified CSV goes (site-private); the app reads only this"
+        )
+    )
+    report: Path | None = Field(
+        None,
+        json_schema_extra=fix("name a JSON file for the report (default: output + .report.json)"),
+    )
+
+    def report_path(self) -> Path:
+        return self.report or self.output.with_name(self.output.name + ".report.json")
+
+
 class SiteConfig(BaseModel):
     """site.toml: which ClientApp to host, where the coordinator is, what the app is told."""
 
@@ -231,6 +256,9 @@ class SiteConfig(BaseModel):
     agent: AgentSettings = Field(
         default_factory=AgentSettings, json_schema_extra=fix("see the [agent] keys in the docs")
     )
+    deid: DeidSettings | None = Field(
+        None, json_schema_extra=fix("see the [deid] keys in docs/deidentification.md")
+    )
 
     @field_validator("app")
     @classmethod
@@ -254,6 +282,17 @@ class SiteConfig(BaseModel):
 def load_site_config(path: Path, *, coordinator: str | None = None) -> SiteConfig:
     """Read and validate site.toml; ``coordinator`` (the ``--coordinator`` flag) wins."""
     raw = load_toml(Path(path))
+    deid = raw.get("deid")
+    if isinstance(deid, dict):  # [deid] paths are relative to site.toml's folder
+        base = Path(path).resolve().parent
+        raw["deid"] = {
+            k: str(base / v)
+            if k in ("config", "input", "output", "report")
+            and isinstance(v, str)
+            and not Path(v).is_absolute()
+            else v
+            for k, v in deid.items()
+        }
     flags: set[str] = set()
     if coordinator is not None:
         raw["coordinator"] = coordinator
@@ -479,6 +518,8 @@ class SiteAgent:
         self._failures = 0
         self._last_error = ""
         self._secagg: _SecAggRound | None = None
+        self._run_config: dict[str, UserValue] = dict(config.run_config)
+        self.deid_report: dict[str, Any] | None = None
 
     def _client(self) -> CoordinatorClient:
         if self._stub is None:  # the channel was closed under us: stopping or reconnecting
@@ -503,6 +544,52 @@ class SiteAgent:
         if call is not None:
             call.cancel()
 
+    def prepare_data(self) -> dict[str, Any]:
+        """De-identify ``[deid] input`` into ``output`` and point the app at it.
+
+        Runs before the agent connects. When the k-anonymity gate (or anything else)
+        fails, nothing is written, the error is raised and the site never trains. The
+        app's ``data-dir`` becomes the de-identified file, so the ClientApp never reads
+        the raw export. The report (no data) is logged and written beside the output.
+        """
+        from confide.privacy.deid import deidentify_file
+
+        deid = self.config.deid
+        assert deid is not None
+        _event(
+            "deidentifying",
+            f"de-identifying {deid.input} with {deid.config} before training",
+            input=str(deid.input),
+        )
+        try:
+            report = deidentify_file(deid.config, deid.input, deid.output, deid.report_path())
+        except ConfideError as e:
+            _event(
+                "deid_refused",
+                f"refusing to train: de-identification failed: {e}",
+                logging.ERROR,
+                error=str(e),
+            )
+            raise
+        summary: dict[str, Any] = {
+            "k": report.k_achieved,
+            "l": report.l_achieved,
+            "rows_in": report.rows_in,
+            "rows_out": report.rows_out,
+            "suppressed": report.rows_suppressed,
+            "config_sha256": report.config_sha256,
+            "report": str(deid.report_path()),
+        }
+        _event(
+            "deidentified",
+            f"de-identified {report.rows_out} of {report.rows_in} rows: k={report.k_achieved}, "
+            f"{report.rows_suppressed} suppressed; the app reads {deid.output} only",
+            **summary,
+        )
+        self._run_config["data-dir"] = str(deid.output)
+        self.deid_report = summary
+        return summary
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -512,6 +599,8 @@ class SiteAgent:
         if max_attempts is not None and max_attempts < 1:
             raise ValueError("max_attempts must be >= 1 or None")
         keep_large_buffers()  # models move as 1-4 MiB messages: reuse their buffers
+        if self.config.deid is not None and self.deid_report is None:
+            self.prepare_data()  # fails closed: no de-identified data, no connection
         self._failures = 0
         try:
             while not self._stopping.is_set():
@@ -663,7 +752,7 @@ class SiteAgent:
                 node_id=node_id_for(site_id),
                 node_config=dict(self.config.node_config),
                 state=self._state,
-                run_config=dict(self.config.run_config),
+                run_config=dict(self._run_config),
             )
         self._site_id = site_id
         _event(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,22 +91,50 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     return [h.strip() for h in header], rows, line_of
 
 
+# What `confide deid` writes into a generalized numeric column: a band "20-29", a top
+# code "90+", an aggregated lower range "<=1935", a suppressed "*" (or an empty cell).
+_BAND = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*$")
+_OPEN = re.compile(r"^\s*(?:(-?\d+(?:\.\d+)?)\s*\+|<=\s*(-?\d+(?:\.\d+)?))\s*$")
+MISSING = ("", "*")
+
+
+def generalized_value(cell: str) -> float | None:
+    """A de-identified cell as a number: a band's midpoint, an open range's bound, NaN for
+    a suppressed value; None when the cell is not a generalization."""
+    if cell.strip() in MISSING:
+        return float("nan")
+    m = _BAND.match(cell)
+    if m:
+        return (float(m.group(1)) + float(m.group(2))) / 2
+    m = _OPEN.match(cell)
+    if m:
+        return float(m.group(1) or m.group(2))
+    return None
+
+
 def _numeric(
     path: Path, name: str, cells: Sequence[str], line_of: Sequence[int]
 ) -> npt.NDArray[np.float64]:
     try:
         return np.array(cells, dtype=np.float64)
     except ValueError:
-        # Slow path only to name the offending cell.
-        for cell, line in zip(cells, line_of, strict=True):
-            try:
-                float(cell)
-            except ValueError:
-                raise DataFormatError(
-                    f"{path} line {line}, column {name!r}: {cell!r} is not a number. Fix: clean "
-                    "the cell, or list the column in categorical=(...) if it holds categories"
-                ) from None
-        raise
+        pass
+    # Slow path: de-identified (generalized) cells, else name the offending cell.
+    out = np.empty(len(cells), dtype=np.float64)
+    for i, (cell, line) in enumerate(zip(cells, line_of, strict=True)):
+        try:
+            out[i] = float(cell)
+            continue
+        except ValueError:
+            value = generalized_value(cell)
+        if value is not None:
+            out[i] = value
+            continue
+        raise DataFormatError(
+            f"{path} line {line}, column {name!r}: {cell!r} is not a number. Fix: clean "
+            "the cell, or list the column in categorical=(...) if it holds categories"
+        )
+    return out
 
 
 def _label_value(value: str) -> Any:
@@ -199,8 +228,20 @@ class Standardizer:
                 "cannot fit a Standardizer on no data. Fix: pass at least one training row"
             )
         flat = arr.reshape(-1, arr.shape[-1])
-        std = flat.std(axis=0)
-        return cls(flat.mean(axis=0), np.where(std > 0, std, 1.0))
+        # Suppressed cells of a de-identified table are NaN: statistics skip them, and
+        # a column with no value at all gets mean 0 and std 1.
+        present = ~np.isnan(flat)
+        count = present.sum(axis=0)
+        safe = np.where(present, flat, 0.0)
+        mean = np.divide(safe.sum(axis=0), count, out=np.zeros(flat.shape[1]), where=count > 0)
+        var = np.divide(
+            (np.where(present, flat - mean, 0.0) ** 2).sum(axis=0),
+            count,
+            out=np.zeros(flat.shape[1]),
+            where=count > 0,
+        )
+        std = np.sqrt(var)
+        return cls(mean, np.where(std > 0, std, 1.0))
 
     def transform(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
         arr = np.asarray(x, dtype=np.float64)
@@ -209,7 +250,9 @@ class Standardizer:
                 f"Standardizer was fitted on {self.mean.shape[0]} features, got shape {arr.shape}. "
                 "Fix: transform data with the same columns as the training data"
             )
-        return ((arr - self.mean) / self.std).astype(np.float32)
+        out = (arr - self.mean) / self.std
+        # A missing (suppressed) value becomes the training mean: 0 after scaling.
+        return np.nan_to_num(out, nan=0.0).astype(np.float32)
 
 
 def train_test_split(
