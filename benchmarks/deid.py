@@ -14,7 +14,9 @@ support; precision per type and overall = correct / predicted.
 
 Speed: text bytes (UTF-8) scrubbed per second, MB = 10^6 bytes, median of ``--repeats``
 timed passes over all notes after one warm-up; once in one process and once split over
-``--workers`` processes (default 2, the target machine's cores).
+``--workers`` processes (default 2, the target machine's cores). The target is checked on
+what a user runs: ``confide deid text`` file to file (JSON parsing, scrubbing in as many
+processes as cores, writing) on a 4 MB JSONL file of the notes repeated.
 
 Table part: k-anonymity of the 30,000-row credit table with ``examples/deid/credit.toml``
 (k = 5, l = 2, at most 5 % suppressed), seconds of ``deidentify`` and of the file-to-file
@@ -93,6 +95,38 @@ def _scrub_chunk(texts: list[str]) -> int:
     for t in texts:
         sc.scrub(t)
     return len(texts)
+
+
+def cli_speed(notes: list[Note], target_bytes: int) -> dict[str, float]:
+    """``confide deid text`` file to file (``--workers`` automatic) on a JSONL file of at
+    least ``target_bytes``, the notes repeated; MB/s of the input file's bytes."""
+    import argparse
+    import json
+    import tempfile
+
+    from confide.privacy.deid import text_cli
+
+    lines = [json.dumps({"id": n.id, "text": n.text}) + "\n" for n in notes]
+    one = sum(len(x.encode("utf-8")) for x in lines)
+    copies = max(1, -(-target_bytes // one))
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "notes.jsonl"
+        inp.write_text("".join(lines) * copies)
+        size = inp.stat().st_size
+        args = argparse.Namespace(
+            inp=inp,
+            out=Path(tmp) / "out.jsonl",
+            mode="placeholder",
+            secret_file=None,
+            backend="builtin",
+            workers=0,
+            quiet=True,
+        )
+        t0 = time.perf_counter()
+        text_cli.run(args)
+        seconds = time.perf_counter() - t0
+    workers = text_cli._workers(0, size)
+    return {"bytes": size, "seconds": seconds, "mb_s": size / 1e6 / seconds, "workers": workers}
 
 
 def speed(texts: list[str], repeats: int, workers: int) -> dict[str, float]:
@@ -209,6 +243,7 @@ def main() -> None:
     preds = [sc.detect(n.text) for n in notes]
     s = score(notes, preds)
     sp = speed([n.text for n in notes], args.repeats, args.workers)
+    cli = cli_speed(notes, 300_000 if args.quick else 4_000_000)
 
     rows = [
         [t, v["support"], v["recall"], v["predicted"], v["precision"]]
@@ -221,8 +256,24 @@ def main() -> None:
     )
     print_table(
         "Overall and speed",
-        ["precision", "recall", "MB", "MB/s (1 process)", f"MB/s ({args.workers} processes)"],
-        [[s["precision"], s["recall"], sp["bytes"] / 1e6, sp["mb_s_1proc"], sp["mb_s_workers"]]],
+        [
+            "precision",
+            "recall",
+            "MB",
+            "MB/s (1 process)",
+            f"MB/s ({args.workers} processes)",
+            "`confide deid text` MB/s (file to file)",
+        ],
+        [
+            [
+                s["precision"],
+                s["recall"],
+                sp["bytes"] / 1e6,
+                sp["mb_s_1proc"],
+                sp["mb_s_workers"],
+                f"{cli['mb_s']:.2f} ({cli['bytes'] / 1e6:.1f} MB, {cli['workers']} workers)",
+            ]
+        ],
     )
     targets = []
     for t in RECALL_99:
@@ -230,8 +281,7 @@ def main() -> None:
     for t in RECALL_95:
         targets.append([f"recall {t} >= 0.95", s["per_type"][t]["recall"], 0.95])
     targets.append(["overall precision >= 0.90", s["precision"], TARGET_PRECISION])
-    best_speed = max(sp["mb_s_1proc"], sp["mb_s_workers"] if args.workers > 1 else 0.0)
-    targets.append([f"MB/s >= 1 (best of 1 / {args.workers} processes)", best_speed, 1.0])
+    targets.append(["MB/s >= 1 (`confide deid text`, file to file)", cli["mb_s"], 1.0])
     target_rows = [[name, v, goal, "met" if v >= goal else "MISSED"] for name, v, goal in targets]
     print_table("Targets", ["target", "value", "goal", "status"], target_rows)
 
@@ -243,7 +293,7 @@ def main() -> None:
             "seed": args.seed,
             "matching_rule": "gold found if fully covered by same-type predicted spans; "
             "predicted correct if it overlaps a same-type gold span",
-            "text": {**s, "speed": sp},
+            "text": {**s, "speed": sp, "cli": cli},
             "targets": [
                 dict(zip(["target", "value", "goal", "status"], r, strict=True))
                 for r in target_rows

@@ -152,3 +152,31 @@ def test_deid_benchmark_quick_run(tmp_path: Path) -> None:
         row = table[0]
         assert row["rows"] == 3000 and row["k"] >= 5 and row["l"] >= 2
         assert 0 < row["deidentify_s"] < 60 and row["suppressed_fraction"] <= 0.05
+
+
+def test_parallel_workers_write_the_same_output_in_order(tmp_path: Path) -> None:
+    import argparse
+
+    from confide.privacy.deid import text_cli
+    from confide.privacy.deid.notes import generate_notes
+
+    notes = generate_notes(120, seed=3)
+    inp = tmp_path / "notes.jsonl"
+    inp.write_text("".join(json.dumps({"id": n.id, "text": n.text}) + "\n" for n in notes))
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out-{workers}.jsonl"
+        args = argparse.Namespace(
+            inp=inp,
+            out=out,
+            mode="placeholder",
+            secret_file=None,
+            backend="builtin",
+            workers=workers,
+            quiet=True,
+        )
+        assert text_cli.run(args) == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    lines = [json.loads(x) for x in outs[1].splitlines()]
+    assert [x["id"] for x in lines] == [n.id for n in notes]

@@ -631,6 +631,9 @@ def _names(text: str) -> list[tuple[int, int]]:
         if not run:
             return
         kinds = [kind(w) for _, _, w in run]
+        if not any(kinds):  # only stop words ("The", "Patient"): nothing here is a name
+            run.clear()
+            return
         n = len(run)
         s0 = run[0][0]
         if _name_context(text, s0):

@@ -2,7 +2,8 @@
 
 Each input line is ``{"id": ..., "text": ...}``; each output line is
 ``{"id": ..., "text": <scrubbed>, "spans": [{"start", "end", "type"}, ...]}`` with spans
-over the *input* text. The file is streamed line by line (bounded memory); the output is
+over the *input* text. The file is streamed in batches of lines (bounded memory), scrubbed
+by ``--workers`` processes for large inputs, in input order; the output is
 written to a temporary file next to ``--out`` and renamed only when every line succeeded,
 so an error never leaves partial output behind.
 """
@@ -14,11 +15,13 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from confide.errors import DataFormatError, DataNotFoundError
-from confide.privacy.deid.text import DeidError, Scrubber
+from confide.privacy.deid.text import DeidError, Scrubber, ScrubResult
 
 PROGRESS_MIN_BYTES = 5_000_000  # show a progress bar on stderr above this input size
 
@@ -29,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["placeholder", "pseudonym"], default="placeholder")
     p.add_argument("--secret-file", type=Path, help="key file for --mode pseudonym (>= 16 bytes)")
     p.add_argument("--backend", choices=["builtin", "presidio"], default="builtin")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that scrub in parallel (default: every core for inputs >= 2 MB)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -74,12 +83,52 @@ def _parse(line: str, lineno: int, path: Path) -> tuple[Any, str]:
     return obj.get("id"), text
 
 
+BATCH_LINES = 2000  # lines parsed, scrubbed and written together: bounded memory
+PARALLEL_MIN_BYTES = 2_000_000  # below this, starting processes costs more than it saves
+
+_worker_scrubber: Scrubber | None = None
+
+
+def _init_worker(mode: str, secret: bytes | None, backend: str) -> None:
+    global _worker_scrubber
+    _worker_scrubber = Scrubber(mode=mode, secret=secret, backend=backend)  # type: ignore[arg-type]
+
+
+def _scrub(text: str) -> ScrubResult:
+    assert _worker_scrubber is not None
+    return _worker_scrubber.scrub(text)
+
+
+def _workers(requested: int, size: int) -> int:
+    if requested < 0:
+        raise DeidError(f"--workers: {requested} is negative. Fix: use 0 (automatic) or more")
+    if requested == 0:
+        return (os.cpu_count() or 1) if size >= PARALLEL_MIN_BYTES else 1
+    return requested
+
+
+def _batches(lines: Iterable[str], path: Path) -> Iterator[list[tuple[Any, str, int]]]:
+    """(id, text, line bytes) of each non-blank line, parsed and checked, in batches."""
+    batch: list[tuple[Any, str, int]] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        note_id, text = _parse(line, lineno, path)
+        batch.append((note_id, text, len(line.encode("utf-8"))))
+        if len(batch) >= BATCH_LINES:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run(args: argparse.Namespace) -> int:
     inp: Path = Path(args.inp)
     out: Path = Path(args.out)
     if not inp.is_file():
         raise DataNotFoundError(f"--in: {inp} not found. Fix: pass an existing JSONL file")
-    scrubber = Scrubber(mode=args.mode, secret=_secret(args), backend=args.backend)
+    secret = _secret(args)
+    scrubber = Scrubber(mode=args.mode, secret=secret, backend=args.backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = inp.stat().st_size
     show = size >= PROGRESS_MIN_BYTES and not getattr(args, "quiet", False)
@@ -100,22 +149,34 @@ def run(args: argparse.Namespace) -> int:
                 progress = Progress(console=Console(stderr=True), transient=True)
                 progress.start()
                 task = progress.add_task("scrubbing", total=size)
+            workers = _workers(getattr(args, "workers", 1), size)
+            pool = (
+                ProcessPoolExecutor(
+                    workers, initializer=_init_worker, initargs=(args.mode, secret, args.backend)
+                )
+                if workers > 1
+                else None
+            )
             try:
-                for lineno, line in enumerate(r, start=1):
-                    if progress is not None and task is not None:
-                        progress.update(task, advance=len(line.encode("utf-8")))
-                    if not line.strip():
-                        continue
-                    note_id, text = _parse(line, lineno, inp)
-                    res = scrubber.scrub(text)
-                    rec = {
-                        "id": note_id,
-                        "text": res.text,
-                        "spans": [s.as_dict() for s in res.spans],
-                    }
-                    w.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    n += 1
+                for batch in _batches(r, inp):
+                    texts = [text for _, text, _ in batch]
+                    if pool is None:
+                        results = [scrubber.scrub(t) for t in texts]
+                    else:
+                        results = list(pool.map(_scrub, texts, chunksize=32))
+                    for (note_id, _, nbytes), res in zip(batch, results, strict=True):
+                        rec = {
+                            "id": note_id,
+                            "text": res.text,
+                            "spans": [s.as_dict() for s in res.spans],
+                        }
+                        w.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        n += 1
+                        if progress is not None and task is not None:
+                            progress.update(task, advance=nbytes)
             finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
                 if progress is not None:
                     progress.stop()
         os.replace(tmp, out)
