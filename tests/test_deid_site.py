@@ -12,6 +12,7 @@ import pytest
 from confide.client.agent import SiteAgent, load_site_config
 from confide.client.data.paths import default_data_dir
 from confide.client.data.tabular import generalized_value, load_credit
+from confide.privacy.audit import AuditKey, AuditLog, trust_store
 from confide.privacy.crypto import init_ca, issue, load_kit
 from confide.privacy.deid import KAnonymityNotReached
 
@@ -56,6 +57,13 @@ def test_the_site_trains_only_on_its_deidentified_table(tmp_path: Path, raw_cred
     train, test = load_credit(clean)
     assert len(train) + len(test) == summary["rows_out"]
     assert np.isfinite(train.x).all() and np.isfinite(test.x).all()
+    # The report (never the data) is in the site's signed, hash-chained audit log.
+    key = AuditKey.load(tmp_path / "site-state" / "audit.key")
+    with AuditLog(tmp_path / "site-state" / "audit.db") as audit:
+        entries = audit.entries()
+        assert [e.kind for e in entries] == ["deid_report"]
+        assert entries[0].actor == "site:bank-a" and entries[0].payload["k_achieved"] >= 5
+        assert audit.verify(trust_store(key.public_key)).ok
 
 
 def test_a_gate_that_cannot_be_met_stops_the_site_before_it_connects(
@@ -73,6 +81,9 @@ def test_a_gate_that_cannot_be_met_stops_the_site_before_it_connects(
         agent.run(max_attempts=1)  # no coordinator exists: it must fail before connecting
     assert not (tmp_path / "private" / "clean.csv").exists()
     assert "data-dir" not in agent._run_config
+    with AuditLog(tmp_path / "site-state" / "audit.db") as audit:
+        (entry,) = audit.entries()
+        assert entry.kind == "deid_refused" and entry.payload["error"] == "KAnonymityNotReached"
 
 
 def test_generalized_cells_read_as_numbers() -> None:

@@ -259,6 +259,13 @@ class SiteConfig(BaseModel):
     deid: DeidSettings | None = Field(
         None, json_schema_extra=fix("see the [deid] keys in docs/deidentification.md")
     )
+    state_dir: Path = Field(
+        Path("site-state"),
+        json_schema_extra=fix(
+            "name a site-private folder for the site's audit log and keys (relative paths "
+            "are read from site.toml's folder)"
+        ),
+    )
 
     @field_validator("app")
     @classmethod
@@ -282,9 +289,12 @@ class SiteConfig(BaseModel):
 def load_site_config(path: Path, *, coordinator: str | None = None) -> SiteConfig:
     """Read and validate site.toml; ``coordinator`` (the ``--coordinator`` flag) wins."""
     raw = load_toml(Path(path))
+    base = Path(path).resolve().parent
+    state_dir = raw.get("state_dir", "site-state")
+    if isinstance(state_dir, str) and not Path(state_dir).is_absolute():
+        raw["state_dir"] = str(base / state_dir)
     deid = raw.get("deid")
     if isinstance(deid, dict):  # [deid] paths are relative to site.toml's folder
-        base = Path(path).resolve().parent
         raw["deid"] = {
             k: str(base / v)
             if k in ("config", "input", "output", "report")
@@ -570,6 +580,8 @@ class SiteAgent:
                 logging.ERROR,
                 error=str(e),
             )
+            # The reason (column names and counts, never cell values) is kept for audits.
+            self._record_audit("deid_refused", {"error": type(e).__name__, "reason": str(e)})
             raise
         summary: dict[str, Any] = {
             "k": report.k_achieved,
@@ -586,9 +598,27 @@ class SiteAgent:
             f"{report.rows_suppressed} suppressed; the app reads {deid.output} only",
             **summary,
         )
+        self._record_audit("deid_report", report.to_dict())
         self._run_config["data-dir"] = str(deid.output)
         self.deid_report = summary
         return summary
+
+    def _record_audit(self, kind: str, payload: dict[str, Any]) -> None:
+        """Append to the site's own signed, hash-chained audit log (``state_dir``)."""
+        from confide.privacy.audit import AuditKey, AuditLog
+
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        key = AuditKey.load_or_generate(state / "audit.key")
+        with AuditLog(state / "audit.db") as audit:
+            entry = audit.append(f"site:{self.kit.identity}", kind, payload, key)
+        _event(
+            "audited",
+            f"{kind} recorded in the site's audit log (entry {entry.seq})",
+            kind=kind,
+            seq=entry.seq,
+            hash=entry.hash,
+        )
 
     @property
     def stopping(self) -> bool:
