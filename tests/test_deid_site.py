@@ -15,6 +15,7 @@ from confide.client.data.tabular import generalized_value, load_credit
 from confide.privacy.audit import AuditKey, AuditLog, trust_store
 from confide.privacy.crypto import init_ca, issue, load_kit
 from confide.privacy.deid import KAnonymityNotReached
+from confide.privacy.dp import PrivacyLedger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,10 @@ def test_the_site_trains_only_on_its_deidentified_table(tmp_path: Path, raw_cred
         assert [e.kind for e in entries] == ["deid_report"]
         assert entries[0].actor == "site:bank-a" and entries[0].payload["k_achieved"] >= 5
         assert audit.verify(trust_store(key.public_key)).ok
+    # ... and in the site's privacy ledger, beside its DP events.
+    with PrivacyLedger(tmp_path / "site-state" / "ledger.db", site="bank-a") as ledger:
+        (rec,) = ledger.reports(kind="deid_report")
+        assert rec["payload"]["k_achieved"] == summary["k"] and rec["site"] == "bank-a"
 
 
 def test_a_gate_that_cannot_be_met_stops_the_site_before_it_connects(

@@ -378,3 +378,19 @@ def test_epsilon_report_shows_rdp_beside_prv() -> None:
     assert rep["method"] == "prv" and rep["epsilon_rdp"] >= rep["epsilon"]
     assert 1.0 <= rep["rdp_over_prv"] < 1.6
     assert epsilon([], DELTA) == 0.0
+
+
+def test_data_reports_are_append_only_and_tamper_evident(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger(path, site="h1") as ledger:
+        rid = ledger.record_report("deid_report", {"k_achieved": 7, "rows_out": 100})
+        assert ledger.reports()[0]["payload"] == {"k_achieved": 7, "rows_out": 100}
+    db = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE data_reports SET payload = '{}' WHERE id = ?", (rid,))
+    db.execute("DROP TRIGGER data_reports_no_update")  # an attacker with file access
+    db.execute("UPDATE data_reports SET payload = '{\"k_achieved\":50}' WHERE id = ?", (rid,))
+    db.commit()
+    db.close()
+    with PrivacyLedger(path, site="h1") as ledger, pytest.raises(LedgerCorrupted):
+        ledger.reports()

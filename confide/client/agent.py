@@ -599,6 +599,10 @@ class SiteAgent:
             **summary,
         )
         self._record_audit("deid_report", report.to_dict())
+        from confide.privacy.dp import PrivacyLedger
+
+        with PrivacyLedger(self.config.state_dir / "ledger.db", site=self.kit.identity) as ledger:
+            ledger.record_report("deid_report", report.to_dict())
         self._run_config["data-dir"] = str(deid.output)
         self.deid_report = summary
         return summary

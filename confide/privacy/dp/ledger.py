@@ -19,6 +19,7 @@ file) and the coordinator (a mirror of every site's events, filled by :meth:`mir
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sqlite3
@@ -70,6 +71,18 @@ CREATE TRIGGER IF NOT EXISTS dp_events_no_update BEFORE UPDATE ON dp_events
 BEGIN SELECT RAISE(ABORT, 'dp_events is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS dp_events_no_delete BEFORE DELETE ON dp_events
 BEGIN SELECT RAISE(ABORT, 'dp_events is append-only'); END;
+CREATE TABLE IF NOT EXISTS data_reports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    recorded REAL NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS data_reports_no_update BEFORE UPDATE ON data_reports
+BEGIN SELECT RAISE(ABORT, 'data_reports is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS data_reports_no_delete BEFORE DELETE ON data_reports
+BEGIN SELECT RAISE(ABORT, 'data_reports is append-only'); END;
 CREATE TABLE IF NOT EXISTS dp_budgets (
     site TEXT PRIMARY KEY, epsilon_max REAL NOT NULL, delta REAL NOT NULL, updated REAL NOT NULL
 );
@@ -252,6 +265,56 @@ class PrivacyLedger:
         """Append one event (the site's own); returns its id. Recording the same content
         again (a retried call) returns the existing id and adds nothing."""
         return self._insert([event], origin="local")[0]
+
+    def record_report(self, kind: str, payload: Mapping[str, Any], site: str | None = None) -> int:
+        """Append a data-protection report that is not a DP event (e.g. ``deid_report``:
+        what de-identification did, never the data); returns its id. Append-only."""
+        if not kind:
+            raise LedgerError("a report needs a kind, e.g. 'deid_report'. Fix: name it")
+        owner = self._site(site)
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO data_reports (site, kind, sha256, payload, recorded) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (owner, kind, digest, text, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def reports(self, site: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """The recorded reports, oldest first; a row whose content no longer matches its
+        hash raises :class:`LedgerCorrupted`."""
+        query = "SELECT id, site, kind, sha256, payload, recorded FROM data_reports"
+        clauses, args = [], []
+        if site is not None:
+            clauses.append("site = ?")
+            args.append(site)
+        if kind is not None:
+            clauses.append("kind = ?")
+            args.append(kind)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        out = []
+        for rid, owner, rkind, digest, text, recorded in rows:
+            if hashlib.sha256(text.encode("utf-8")).hexdigest() != digest:
+                raise LedgerCorrupted(
+                    f"report {rid} ({rkind}) of site {owner!r} no longer matches its hash. "
+                    "Fix: restore the ledger from a backup and compare with the audit log"
+                )
+            out.append(
+                {
+                    "id": rid,
+                    "site": owner,
+                    "kind": rkind,
+                    "sha256": digest,
+                    "payload": json.loads(text),
+                    "recorded": recorded,
+                }
+            )
+        return out
 
     def mirror(self, events: Iterable[DpEvent | Mapping[str, Any]]) -> int:
         """Coordinator side: insert events received from sites; returns how many were new.
