@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_site_parser(sub)
 
+    from confide.privacy.audit_cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     deid = sub.add_parser(
         "deid",
         help="de-identify site data before training (tables and free text, offline)",

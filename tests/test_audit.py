@@ -480,3 +480,35 @@ def test_an_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
     not_a_db.write_text("x" * 4096)
     with pytest.raises(ConfideError, match=r"cannot open the audit log.*Fix:"):
         AuditLog(not_a_db)
+
+
+def test_the_audit_command_verifies_exports_and_detects_an_edit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from confide.cli import main
+
+    key = AuditKey.generate(tmp_path / "site.key")
+    with AuditLog(tmp_path / "audit.db") as log:
+        for i in range(5):
+            log.append("site:h1", "dp_event", {"round": i, "epsilon": 0.1 * i}, key)
+        head = log.head()
+    pub = tmp_path / "site.pub.pem"
+    assert (
+        main(["audit", "public-key", "--key", str(tmp_path / "site.key"), "--out", str(pub)]) == 0
+    )
+    db, js = str(tmp_path / "audit.db"), str(tmp_path / "audit.json")
+    assert main(["audit", "verify", "--log", db, "--trust", str(pub), "--head", head]) == 0
+    assert "audit log OK: 5 entries" in capsys.readouterr().out
+    assert main(["audit", "export", "--log", db, "--out", js]) == 0
+    assert main(["audit", "verify", "--log", js, "--trust", str(pub)]) == 0
+    conn = sqlite3.connect(db)
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute("UPDATE audit_entries SET payload = replace(payload, '0.2', '0.0')")
+    conn.commit()
+    conn.close()
+    capsys.readouterr()
+    assert main(["audit", "verify", "--log", db, "--trust", str(pub)]) == 1
+    assert "BROKEN" in capsys.readouterr().out
