@@ -97,19 +97,18 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from confide.db import DurableDB, connect
 from confide.errors import ConfideError
-from confide.privacy.crypto._files import readable_by_others, write_atomic
+from confide.privacy.crypto._files import exposed_key_problem, write_atomic
 
 FORMAT = "confide-audit-1"
 FORMAT_VERSION = 1
@@ -315,12 +314,9 @@ class AuditKey:
             raise AuditKeyError(
                 f"{path}: no such audit key file. Fix: create one with AuditKey.generate({path!s})"
             )
-        if readable_by_others(path):
-            mode = path.stat().st_mode & 0o777
-            raise AuditKeyPermissionsError(
-                f"{path}: audit private key is readable by other users (mode {mode:04o}). "
-                f"Fix: chmod 600 {path}"
-            )
+        problem = exposed_key_problem(path, "audit private key")
+        if problem:
+            raise AuditKeyPermissionsError(problem)
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError) as e:
@@ -676,7 +672,7 @@ def _check_plain_json(value: Any, where: str) -> None:
 # --------------------------------------------------------------------------- the log
 
 
-class AuditLog:
+class AuditLog(DurableDB):
     """An append-only, hash-chained, signed audit log in one SQLite file.
 
     Thread-safe (one lock) and safe across processes (``BEGIN IMMEDIATE``): the previous
@@ -688,9 +684,7 @@ class AuditLog:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
-            )
+            self._db = connect(self.path)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, FORMAT_VERSION):
                 self._db.close()
@@ -698,8 +692,6 @@ class AuditLog:
                     f"{self.path}: audit log format {version}, this Confide reads format "
                     f"{FORMAT_VERSION}. Fix: upgrade Confide, or pass another file"
                 )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         except (sqlite3.Error, OSError) as e:
@@ -710,32 +702,6 @@ class AuditLog:
         self._lock = threading.RLock()
 
     # --- lifecycle ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # --- writing --------------------------------------------------------------------------
 

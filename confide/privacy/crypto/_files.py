@@ -51,6 +51,14 @@ def make_private_dir(path: Path) -> None:
     path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
 
 
+def exposed_key_problem(path: Path, what: str = "private key") -> str | None:
+    """The error text for a key file others can read (with its fix), or None when private."""
+    if not readable_by_others(path):
+        return None
+    mode = path.stat().st_mode & 0o777
+    return f"{path}: {what} is readable by other users (mode {mode:04o}). Fix: chmod 600 {path}"
+
+
 def readable_by_others(path: Path) -> bool:
     """Whether group or others have any permission on ``path`` (POSIX only)."""
     if os.name == "nt":  # NTFS ACLs are not mode bits; the folder's ACL is the protection there

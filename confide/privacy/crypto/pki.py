@@ -62,9 +62,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from confide.errors import ConfigError
 from confide.privacy.crypto._files import (
+    exposed_key_problem,
     locked,
     make_private_dir,
-    readable_by_others,
     write_atomic,
     write_json,
 )
@@ -1381,12 +1381,9 @@ def _kit_file(directory: Path, meta: Mapping[str, Any], key: str, default: str, 
 
 
 def _check_key(key_path: Path, cert: x509.Certificate) -> None:
-    if readable_by_others(key_path):
-        mode = key_path.stat().st_mode & 0o777
-        raise KeyPermissionsError(
-            f"{key_path}: private key is readable by other users (mode {mode:04o}). "
-            f"Fix: chmod 600 {key_path}"
-        )
+    problem = exposed_key_problem(key_path)
+    if problem:
+        raise KeyPermissionsError(problem)
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (ValueError, TypeError) as e:

@@ -25,13 +25,12 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from confide.db import DurableDB, connect
 from confide.privacy.dp.accounting import (
     AccountingError,
     DpError,
@@ -185,7 +184,7 @@ class Projection:
         return self.projected - self.spent
 
 
-class PrivacyLedger:
+class PrivacyLedger(DurableDB):
     """Append-only DP event log and per-site budgets in one SQLite file.
 
     ``site`` is the ledger owner's site id (a site's own ledger); it fills events recorded
@@ -199,9 +198,7 @@ class PrivacyLedger:
         self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = connect(self.path)
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO dp_meta VALUES ('schema_version', ?)",
@@ -223,32 +220,6 @@ class PrivacyLedger:
             )
 
     # --- lifecycle -----------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> PrivacyLedger:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     def _site(self, site: str | None) -> str:
         s = site if site is not None else self.site
