@@ -5,24 +5,25 @@ so the figure is compute only (no data loading). Each model is timed three
 ways:
 
 * ``plain``: the non-private model (fused ``nn.LSTM`` for the LSTMs), plain SGD;
-* ``dp-sgd``: the ``dp=True`` model wrapped by ``opacus.PrivacyEngine.make_private``
-  (per-sample gradients, clipping, noise), which is what a private site runs;
-* ``dp-layers`` (LSTMs only): the ``dp=True`` model (``DPLSTM``) trained with
-  plain SGD, which splits the LSTMs' slowdown into "lost the fused kernel"
-  and "per-sample gradients".
+* ``dp-sgd``: the ``dp=True`` model stepped by ``confide.privacy.dp.sgd.DpSgdStepper``,
+  the step of ``train_private`` that a private site runs (per-sample clipping,
+  noise, division by the expected batch size), with the ``grad_sample_mode``
+  it resolves (``auto`` by default; the table shows which mode ran);
+* ``dp-layers`` (LSTMs only): the ``dp=True`` model (``PerSampleLSTM``) trained
+  with plain SGD, which splits the LSTMs' slowdown into "lost the fused
+  kernel" and "per-sample clipping".
 
-Warm-up steps are discarded, then a time budget (``--seconds``, at least
-three steps) or a fixed number of steps (``--steps``) is timed; this is
-repeated ``--repeats`` times and the median is reported. The machine is
-shared, so repeats matter.
-
-``--grad-sample-mode ghost`` times Opacus' ghost clipping (per-sample
-gradient *norms* without materialising per-sample gradients) instead of the
-default ``hooks``.
+Poisson sampling only changes which examples form a batch, not the cost
+per example being measured, so batches are fixed. Warm-up steps are
+discarded, then a time budget (``--seconds``, at least three steps) or a
+fixed number of steps (``--steps``) is timed for each mode in turn, and that
+round is repeated ``--repeats`` times; the median is reported. Interleaving
+the modes keeps a shared machine's load drift out of the DP/plain ratio.
 
     python benchmarks/train_throughput.py                # full run, a few minutes
     python benchmarks/train_throughput.py --quick        # smoke run, seconds (CI)
     python benchmarks/train_throughput.py --json out.json --models cnn,char-lstm
+    python benchmarks/train_throughput.py --grad-sample-mode hooks   # force one Opacus mode
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ from typing import Any
 
 import opacus
 import torch
-from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine
 
 from confide.client.models import MODELS, build_model, count_parameters
+from confide.privacy.dp.sgd import GRAD_SAMPLE_MODES, DpSgdStepper
 
 VOCAB = 97
 
@@ -80,6 +80,7 @@ class Result:
     samples_per_s: float
     repeats: list[float] = field(default_factory=list)
     steps_per_repeat: list[int] = field(default_factory=list)
+    grad_sample_mode: str | None = None  # the Opacus mode that ran (dp-sgd only)
 
 
 def default_cases(char_seq_len: int) -> list[Case]:
@@ -115,47 +116,47 @@ def model_kwargs(case: Case) -> dict[str, Any]:
     return {}
 
 
-def make_trainer(case: Case, mode: str, grad_sample_mode: str) -> Callable[[], None]:
-    """Build the model and optimizer for ``mode`` and return a one-step closure."""
+@dataclass
+class Trainer:
+    """A one-step closure for one mode, and the Opacus mode it runs (dp-sgd only)."""
+
+    step: Callable[[], None]
+    grad_sample_mode: str | None = None
+    close: Callable[[], None] = lambda: None
+
+
+def make_trainer(case: Case, mode: str, grad_sample_mode: str) -> Trainer:
+    """Build the model (and optimizer) for ``mode`` and return its one-step closure."""
     torch.manual_seed(0)
     model: nn.Module = build_model(case.model, dp=mode != "plain", **model_kwargs(case))
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    criterion: Any = nn.CrossEntropyLoss()
     x, y = make_batch(case)
-    ghost = mode == "dp-sgd" and grad_sample_mode == "ghost"
     if mode == "dp-sgd":
-        loader = DataLoader(TensorDataset(x, y), batch_size=case.batch_size)
-        # Poisson sampling only changes which samples form a batch, not the
-        # per-sample gradient cost being measured, so fixed batches are used.
-        wrapped = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
+        # The stepper stays open for the whole run: its hooks are the cost being measured.
+        stepper = DpSgdStepper(
+            model,
             noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
+            clip_norm=1.0,
+            expected_batch_size=float(case.batch_size),
+            lr=0.01,
             grad_sample_mode=grad_sample_mode,
-            **({"criterion": criterion} if ghost else {}),
+            example=x,
         )
-        model, optimizer = wrapped[0], wrapped[1]
-        if ghost:
-            # Ghost clipping runs its second backward pass inside this loss's backward().
-            criterion = wrapped[2]
+
+        def private_step() -> None:
+            stepper.step(x, y)
+
+        return Trainer(private_step, stepper.grad_sample_mode, stepper.close)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion = nn.CrossEntropyLoss()
     model.train()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
-        flat = (logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        if ghost and logits.dim() == 3:
-            # Ghost clipping needs one loss per sample, so it is told how to
-            # fold the flattened (B*T) per-token losses back into (B, T).
-            criterion(*flat, shape=logits.shape).backward()
-        else:
-            criterion(*flat).backward()
+        criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
         optimizer.step()
 
-    return step
+    return Trainer(step)
 
 
 MIN_STEPS = 3
@@ -176,28 +177,38 @@ def time_steps(step: Callable[[], None], steps: int | None, seconds: float) -> t
             return done, elapsed
 
 
-def measure(case: Case, mode: str, args: argparse.Namespace) -> Result:
-    step = make_trainer(case, mode, args.grad_sample_mode)
-    for _ in range(args.warmup):
-        step()
-    rates: list[float] = []
-    counts: list[int] = []
+def measure(case: Case, args: argparse.Namespace) -> list[Result]:
+    """Time every mode of ``case``, interleaved round by round."""
+    modes = modes_for(case.model)
+    trainers = {mode: make_trainer(case, mode, args.grad_sample_mode) for mode in modes}
+    for trainer in trainers.values():
+        for _ in range(args.warmup):
+            trainer.step()
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    counts: dict[str, list[int]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):
-        done, elapsed = time_steps(step, args.steps, args.seconds)
-        rates.append(done * case.batch_size / elapsed)
-        counts.append(done)
+        for mode, trainer in trainers.items():
+            done, elapsed = time_steps(trainer.step, args.steps, args.seconds)
+            rates[mode].append(done * case.batch_size / elapsed)
+            counts[mode].append(done)
+    for trainer in trainers.values():
+        trainer.close()
     torch.manual_seed(0)
     params = count_parameters(build_model(case.model, **model_kwargs(case)))
-    return Result(
-        case.model,
-        case.batch_size,
-        case.seq_len,
-        mode,
-        params,
-        statistics.median(rates),
-        rates,
-        counts,
-    )
+    return [
+        Result(
+            case.model,
+            case.batch_size,
+            case.seq_len,
+            mode,
+            params,
+            statistics.median(rates[mode]),
+            rates[mode],
+            counts[mode],
+            trainers[mode].grad_sample_mode,
+        )
+        for mode in modes
+    ]
 
 
 def modes_for(model: str) -> list[str]:
@@ -212,7 +223,15 @@ def print_table(
     results: list[Result], cases: list[Case], info: dict[str, Any], grad_sample_mode: str
 ) -> None:
     by_key = {(r.model, r.batch_size, r.seq_len, r.mode): r for r in results}
-    header = ["model", "params", "plain /s", "DP-SGD /s", "DP slowdown", "DPLSTM, plain SGD /s"]
+    header = [
+        "model",
+        "params",
+        "plain /s",
+        "DP-SGD /s",
+        "DP slowdown",
+        "DP mode",
+        "DP layers, plain SGD /s",
+    ]
     rows: list[list[str]] = []
     for case in cases:
         key = (case.model, case.batch_size, case.seq_len)
@@ -225,6 +244,7 @@ def print_table(
                 f"{plain.samples_per_s:,.0f}",
                 f"{dp.samples_per_s:,.1f}",
                 f"{plain.samples_per_s / dp.samples_per_s:.1f}x",
+                dp.grad_sample_mode or "",
                 f"{layers.samples_per_s:,.1f}" if layers else "",
             ]
         )
@@ -263,9 +283,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--grad-sample-mode",
-        choices=["hooks", "ghost"],
-        default="hooks",
-        help="Opacus per-sample gradient method for the DP-SGD runs",
+        choices=list(GRAD_SAMPLE_MODES),
+        default="auto",
+        help="per-sample gradient method for the DP-SGD runs (auto: what train_private picks)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy machine)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
@@ -283,25 +309,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown model(s) {', '.join(unknown)}; use some of: {', '.join(MODELS)}")
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:
         parser.error("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     wanted = set(args.models.split(","))
     cases = [c for c in default_cases(args.seq_len) if c.model in wanted]
     info = machine_info()
     results: list[Result] = []
-    # Opacus warns about its non-cryptographic RNG and hook internals; the
-    # timing is unaffected and the warnings would bury the table.
+    # Opacus' hook internals warn; the timing is unaffected and the warnings
+    # would bury the table.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for case in cases:
-            for mode in modes_for(case.model):
-                result = measure(case, mode, args)
+            for result in measure(case, args):
                 results.append(result)
                 print(
-                    f"  {case.label:<32} {mode:<9} {result.samples_per_s:10.1f} samples/s",
+                    f"  {case.label:<32} {result.mode:<9} {result.samples_per_s:10.1f} samples/s"
+                    + (f" ({result.grad_sample_mode})" if result.grad_sample_mode else ""),
                     file=sys.stderr,
                     flush=True,
                 )

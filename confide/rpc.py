@@ -29,8 +29,13 @@ _METHODS: dict[str, tuple[Any, Any]] = {
     "UploadResult": (None, pb.UploadReply),
     "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
     "ReportError": (pb.SiteError, pb.Ack),
+    "GetAuditRecords": (pb.AuditRecordsRequest, pb.AuditChunk),
 }
-_STREAMING = {"DownloadModel": "unary_stream", "UploadResult": "stream_unary"}
+_STREAMING = {
+    "DownloadModel": "unary_stream",
+    "UploadResult": "stream_unary",
+    "GetAuditRecords": "unary_stream",
+}
 
 
 def _check_contract() -> None:
@@ -66,6 +71,10 @@ class CoordinatorServicer(Protocol):
 
     def ReportError(self, request: pb.SiteError, context: grpc.ServicerContext) -> pb.Ack: ...
 
+    def GetAuditRecords(
+        self, request: pb.AuditRecordsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AuditChunk]: ...
+
 
 def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:
     """Register ``servicer`` on ``server``; the streaming methods exchange raw frames."""
@@ -94,6 +103,7 @@ class CoordinatorClient:
     UploadResult: grpc.StreamUnaryMultiCallable
     Heartbeat: grpc.UnaryUnaryMultiCallable
     ReportError: grpc.UnaryUnaryMultiCallable
+    GetAuditRecords: grpc.UnaryStreamMultiCallable
 
     def __init__(self, channel: grpc.Channel) -> None:
         for name, (req, resp) in _METHODS.items():

@@ -29,15 +29,23 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_toml(path: Path, doc: dict[str, Any]) -> Path:
-    lines: list[str] = []
+def _toml_tables(lines: list[str], prefix: str, doc: dict[str, Any]) -> None:
     for key, value in doc.items():
         if not isinstance(value, dict):
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(
+                f'"{key}" = {_toml_value(value)}' if prefix else f"{key} = {_toml_value(value)}"
+            )
     for key, value in doc.items():
         if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            lines.extend(f'"{k}" = {_toml_value(v)}' for k, v in value.items())
+            name = f"{prefix}.{key}" if prefix else key
+            lines.append(f"\n[{name}]")
+            _toml_tables(lines, name, value)
+
+
+def write_toml(path: Path, doc: dict[str, Any]) -> Path:
+    """Write a TOML document; nested dicts become (sub-)tables such as [dp.example]."""
+    lines: list[str] = []
+    _toml_tables(lines, "", doc)
     path.write_text("\n".join(lines) + "\n")
     return path
 

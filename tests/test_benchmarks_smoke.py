@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script", ["train_throughput.py", "fedavg_mnist.py", "fedavg_shakespeare.py"]
+    "script",
+    ["train_throughput.py", "fedavg_mnist.py", "fedavg_shakespeare.py", "dp_accuracy.py"],
 )
 def test_benchmark_quick_run_prints_a_table_and_writes_json(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"

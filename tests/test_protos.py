@@ -48,6 +48,7 @@ def test_stubs_import_and_describe_the_coordinator_service() -> None:
         "UploadResult",
         "Heartbeat",
         "ReportError",
+        "GetAuditRecords",
     }
     assert hasattr(coordinator_pb2_grpc, "CoordinatorServicer")
     chunk = coordinator_pb2.Chunk(data=b"\x00" * 8)

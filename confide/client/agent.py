@@ -52,11 +52,13 @@ from flwr.clientapp import ClientApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from confide import __version__, wire
+from confide.client.privacy import PrivacySettings, RoundRefused, SitePrivacy
 from confide.config import first_error, fix, load_toml
 from confide.errors import ConfideError, ConfigError
 from confide.logs import JsonFormatter
 from confide.privacy.crypto import Kit
 from confide.privacy.crypto.pki import split_address
+from confide.privacy.dp import federated as dpfed
 from confide.privacy.secagg import SecAggClient, SecAggError
 from confide.privacy.secagg import federated as secagg_fl
 from confide.protos.v1 import PROTOCOL_VERSION
@@ -258,6 +260,12 @@ class SiteConfig(BaseModel):
     )
     deid: DeidSettings | None = Field(
         None, json_schema_extra=fix("see the [deid] keys in docs/deidentification.md")
+    )
+    privacy: PrivacySettings | None = Field(
+        None,
+        json_schema_extra=fix(
+            "see the [privacy] keys (epsilon_max, delta, require_dp) in docs/privacy.md"
+        ),
     )
     state_dir: Path = Field(
         Path("site-state"),
@@ -530,6 +538,10 @@ class SiteAgent:
         self._secagg: _SecAggRound | None = None
         self._run_config: dict[str, UserValue] = dict(config.run_config)
         self.deid_report: dict[str, Any] | None = None
+        self.privacy = SitePrivacy(
+            config.state_dir, kit.identity, config.privacy, self._record_audit
+        )
+        self._budget_applied = False
 
     def _client(self) -> CoordinatorClient:
         if self._stub is None:  # the channel was closed under us: stopping or reconnecting
@@ -635,6 +647,9 @@ class SiteAgent:
         keep_large_buffers()  # models move as 1-4 MiB messages: reuse their buffers
         if self.config.deid is not None and self.deid_report is None:
             self.prepare_data()  # fails closed: no de-identified data, no connection
+        if not self._budget_applied:
+            self.privacy.apply_budget()
+            self._budget_applied = True
         self._failures = 0
         try:
             while not self._stopping.is_set():
@@ -752,7 +767,7 @@ class SiteAgent:
         request = pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION,
             software=f"confide {__version__}",
-            capabilities={"app": self.config.app},
+            capabilities={"app": self.config.app, **self.privacy.capabilities()},
         )
         future = self._client().Join.future(request, timeout=JOIN_TIMEOUT)
         with self._tracked(future):
@@ -902,6 +917,7 @@ class SiteAgent:
             )
 
     def _do_task(self, task: pb.Task, train: bool, heartbeat: _Heartbeat) -> None:
+        plan = self._dp_admit(task) if train else None
         heartbeat.set("downloading", 0.0)
         started = time.monotonic()
         model = self._download(task)
@@ -919,6 +935,11 @@ class SiteAgent:
         started = time.monotonic()
         reply = self._call_app(self._instruction(task, train, model))
         payload = self._result(task, train, model, reply)
+        if plan is not None:
+            try:
+                payload, _ = self.privacy.release(plan, model, payload)
+            except RoundRefused as e:
+                raise _TaskFailed(e.code, str(e)) from None
         seconds = time.monotonic() - started
         _event(
             "trained" if train else "evaluated",
@@ -943,6 +964,20 @@ class SiteAgent:
         self._upload(task, payload)
         heartbeat.set("done", 1.0)
 
+    def _dp_admit(self, task: pb.Task) -> dpfed.DpPlan | None:
+        """The round's DP plan, admitted against the site's budget (fail closed)."""
+        try:
+            config = wire.decode_records(task.config)
+        except wire.WireError as e:
+            raise _TaskFailed("TASK_FAILED", f"the task's config is malformed: {e}") from None
+        try:
+            plan = self.privacy.plan(config, int(task.round))
+            if plan is not None:
+                self.privacy.admit(plan)
+        except RoundRefused as e:
+            raise _TaskFailed(e.code, str(e)) from None
+        return plan
+
     # --- secure aggregation (confide.privacy.secagg) --------------------------------------
 
     def _secagg_begin(
@@ -959,6 +994,10 @@ class SiteAgent:
         except (SecAggError, ConfigError, wire.WireError) as e:
             raise _TaskFailed("SECAGG_REFUSED", f"secure aggregation setup refused: {e}") from None
         n = int(payload.metrics.get(wire.NUM_EXAMPLES, 0))
+        if dpfed.EVENTS in payload.config and dpfed.CLIENT_NOISE in task.config:
+            # DP-FedAvg weighs every site equally; the largest equal weight keeps the
+            # quantization of the masked vector as fine as it goes.
+            n = cfg.max_weight
         self._secagg = _SecAggRound(int(task.round), client, update, n)
         metrics: dict[str, wire.ScalarValue] = {
             k: v for k, v in payload.metrics.items() if k != wire.NUM_EXAMPLES
@@ -971,7 +1010,7 @@ class SiteAgent:
             task_id=task.task_id,
             stage=1,
         )
-        return wire.Payload(task.task_id, [], [], metrics, {})
+        return wire.Payload(task.task_id, [], [], metrics, dict(payload.config))
 
     def _do_secagg(self, task: pb.Task) -> None:
         try:

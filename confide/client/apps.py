@@ -8,13 +8,19 @@ simulation) and how the data is laid out from ``context.run_config``; the traini
 hyper-parameters arrive with each train message in its ``config`` record.
 
 ``run_config`` keys (all optional): ``data-dir``, ``partition``, ``seed``,
-``max-samples-per-site``, ``eval-fraction``, ``model``.
+``max-samples-per-site``, ``eval-fraction``, ``model``, ``dp-noise-seed`` (simulations only:
+makes DP-SGD's sampling and noise reproducible, and therefore removable by whoever knows
+it; a real site leaves it unset and draws both from the operating system's entropy).
+A train ``config`` carrying ``dp.sgd.*`` keys (see ``confide.privacy.dp.federated``) makes
+the built-in apps train with Opacus DP-SGD exactly as planned and report what they spent.
 Train ``config`` keys (all optional, task defaults otherwise): ``lr``, ``momentum``,
 ``local-epochs``, ``batch-size``, ``max-steps``, ``server-round``.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +35,11 @@ from confide.client.models import build_model, get_weights, set_weights
 from confide.client.tasks import DataSettings, SiteData, Task, get_task
 from confide.client.training import evaluate, train
 from confide.errors import ConfigError
+from confide.privacy.dp import federated as dpfed
 from confide.wire import NUM_EXAMPLES
+
+#: ``Context.state`` record where a site's ClientApp keeps its DP-SGD events across rounds.
+DP_STATE = "confide.dp"
 
 
 def data_settings(context: Context) -> tuple[DataSettings, int]:
@@ -72,6 +82,10 @@ class TaskRunner:
                 f"use one of: {', '.join(task.models)}",
             )
         self.seed = self.settings.seed
+        # DP-SGD's batch sampling and noise must be secret: anyone who can regenerate them
+        # can subtract the noise. Only simulations (and tests) pin them, via this key.
+        noise_seed = context.run_config.get("dp-noise-seed")
+        self.dp_noise_seed = None if noise_seed is None else int(noise_seed)
         self._data: SiteData | None = None
 
     @property
@@ -89,6 +103,9 @@ class TaskRunner:
     def fit(
         self, weights: list[np.ndarray], config: Mapping[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        plan = dpfed.sgd_from_config(config)
+        if plan is not None:
+            return self.fit_private(weights, config, plan)
         model = self.model(weights)
         server_round = int(config.get("server-round", 0))
         max_steps = config.get("max-steps")
@@ -108,6 +125,43 @@ class TaskRunner:
             "train_accuracy": result.accuracy,
             "train_seconds": result.seconds,
             "train_steps": float(result.steps),
+        }
+        return get_weights(model), result.num_examples, metrics
+
+    def fit_private(
+        self, weights: list[np.ndarray], config: Mapping[str, Any], plan: dpfed.SgdPlan
+    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        """Example-level DP-SGD (Opacus) exactly as the round's plan says: σ, q, steps, C.
+
+        The reply reports what was applied (``dp.*`` metrics); the site agent records it in
+        the site's privacy ledger before the result leaves the site.
+        """
+        from confide.privacy.dp.sgd import train_private
+
+        model = build_model(self.model_name, dp=True)
+        set_weights(model, weights)
+        server_round = int(config.get("server-round", 0))
+        result = train_private(
+            model,
+            self.data.train,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            clip_norm=plan.clip_norm,
+            lr=float(config.get("lr", self.task.lr)),
+            momentum=float(config.get("momentum", self.task.momentum)),
+            seed=(
+                secrets.randbits(62)
+                if self.dp_noise_seed is None
+                else self.dp_noise_seed * 1_000_003 + server_round * 10_007 + self.partition_id
+            ),
+        )
+        metrics: dict[str, float] = {
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "train_seconds": result.seconds,
+            "train_steps": float(result.steps),
+            **dpfed.sgd_reply_metrics(plan, result.steps, result.num_examples),
         }
         return get_weights(model), result.num_examples, metrics
 
@@ -159,6 +213,7 @@ def make_client_app(task_name: str) -> ClientApp:
         arrays = msg.content.array_records["arrays"]
         config = msg.content.config_records.get("config", ConfigRecord())
         weights, n, metrics = runner.fit(arrays.to_numpy_ndarrays(), dict(config))
+        _remember_dp(context, metrics, config)
         names = list(arrays.keys())
         reply = RecordDict(
             {
@@ -179,6 +234,33 @@ def make_client_app(task_name: str) -> ClientApp:
         return Message(reply, reply_to=msg)
 
     return app
+
+
+def _remember_dp(context: Context, metrics: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Keep this round's DP-SGD event in ``context.state``: the app's own accountant state.
+
+    The state outlives rounds (Flower keeps ``Context.state`` per node for the whole run,
+    and so does the site agent), so costs compose and are never reset between rounds. The
+    site agent's ledger is the authoritative record; this copy serves plain Flower runs.
+    """
+    if dpfed.SGD_NOISE not in metrics:
+        return
+    plan = dpfed.plan_from_config(config, int(config.get("server-round", 0)))
+    if plan is None or plan.sgd is None:
+        return
+    event = dpfed.sgd_event_from_metrics(plan, metrics)
+    record = context.state.config_records.get(DP_STATE, ConfigRecord({"events": "[]"}))
+    events = dpfed.events_from_json(str(record["events"]))
+    events.append(event.to_dict())
+    context.state.config_records[DP_STATE] = ConfigRecord(
+        {"events": json.dumps(events, sort_keys=True), "steps": sum(e["steps"] for e in events)}
+    )
+
+
+def dp_events_of(context: Context) -> list[dict[str, Any]]:
+    """The DP-SGD events a built-in app has recorded in ``context.state`` (oldest first)."""
+    record = context.state.config_records.get(DP_STATE)
+    return [] if record is None else dpfed.events_from_json(str(record["events"]))
 
 
 def _as_arrays(weights: list[np.ndarray]) -> list[Array]:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from confide.config import first_error, fix, load_toml
 from confide.errors import ConfigError
+from confide.privacy.dp.federated import DpSettings
 from confide.privacy.secagg.federated import SecAggSettings
 
 Scalar = int | float | bool | str
@@ -113,6 +114,10 @@ class FederationConfig(_Section):
     secagg: SecAggSettings = Field(
         default_factory=SecAggSettings,
         json_schema_extra=fix("see docs/secure-aggregation.md for the [secagg] keys"),
+    )
+    dp: DpSettings = Field(
+        default_factory=DpSettings,
+        json_schema_extra=fix("see docs/privacy.md for the [dp], [dp.example], [dp.client] keys"),
     )
     base_dir: Path = Field(Path("."), exclude=True)
 

@@ -31,6 +31,7 @@ from confide.client.models import MODELS, build_model, get_weights
 from confide.errors import ConfideError, ConfigError
 from confide.logs import JsonFormatter
 from confide.privacy.crypto import load_coordinator
+from confide.privacy.dp.federated import CLIENT_UNCLIPPED
 from confide.privacy.secagg import (
     Aggregate,
     ProtocolViolation,
@@ -43,6 +44,7 @@ from confide.privacy.secagg import federated as secagg_fl
 from confide.rpc import add_coordinator_service
 from confide.server.config import FederationConfig
 from confide.server.history import History, RoundRecord
+from confide.server.privacy import CoordinatorPrivacy
 from confide.server.rounds import Kind, Phase, Rejected, RoundBoard, TaskSpec, finite
 from confide.server.service import CoordinatorService
 from confide.server.store import Store
@@ -131,6 +133,9 @@ class Coordinator:
         self._traffic_lock = threading.Lock()
         self.server: grpc.Server | None = None
         self.port: int | None = None
+        self.privacy = CoordinatorPrivacy(
+            cfg.dp, cfg.federation.name, cfg.federation.rounds, cfg.state_dir, cfg.federation.seed
+        )
 
         checkpoint = self.store.latest_checkpoint()
         if checkpoint is None:
@@ -188,6 +193,7 @@ class Coordinator:
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1)
         self.store.close()
+        self.privacy.close()
 
     def model_chunks(self, model_id: str, chunk_bytes: int) -> tuple[list[bytes], int] | None:
         """The serialized chunk frames of a published model and their total size, or None.
@@ -238,6 +244,8 @@ class Coordinator:
     # --- validation of results ----------------------------------------------------------
 
     def validate(self, task: TaskSpec, payload: Payload) -> None:
+        if task.kind is Kind.TRAIN and self.privacy.enabled:
+            self.privacy.accept_events(task.site_id, task.round, payload.config)
         if task.kind is Kind.SECAGG or (task.kind is Kind.TRAIN and "secagg.site" in task.config):
             self._validate_secagg(task, payload)
             return
@@ -373,12 +381,29 @@ class Coordinator:
                     f"connected within {sel.wait_for_sites_seconds:.0f} s. Fix: start more sites, "
                     "or lower selection.min_sites"
                 )
+            sites, no_budget = self.privacy.eligible(sorted(sites), rnd)
+            if len(sites) < sel.min_sites:
+                self.privacy.audit(
+                    "budgets_exhausted", {"round": rnd, "left_out": no_budget, "eligible": sites}
+                )
+                raise NotEnoughSites(
+                    f"round {rnd}: only {len(sites)} connected site(s) have privacy budget left "
+                    f"for the round, {sel.min_sites} needed (left out: "
+                    f"{', '.join(sorted(no_budget)) or 'none'}). The federation stops here; "
+                    "every site's ledger records what it spent. Fix: plan fewer rounds or more "
+                    "noise, or add sites with budget"
+                )
             rng = np.random.default_rng([self.cfg.federation.seed, rnd, attempt])
             target = min(len(sites), max(sel.min_sites, round(sel.fraction * len(sites))))
             k = min(len(sites), math.ceil(target * (1 + sel.over_selection)))
             chosen = sorted(str(s) for s in rng.choice(sites, size=k, replace=False))
             start = time.time()
             self.store.round_started(rnd, attempt, chosen)
+            if self.privacy.enabled:
+                self.privacy.audit(
+                    "round_started",
+                    {"round": rnd, "attempt": attempt, "selected": chosen, "left_out": no_budget},
+                )
             log.info(
                 "round %d/%d (attempt %d): training on %s (need %d, at least %d)",
                 rnd,
@@ -390,6 +415,7 @@ class Coordinator:
             )
             model_id = self._publish_model(rnd)
             config: dict[str, Any] = {**self.cfg.train, "server-round": rnd}
+            config.update(self.privacy.round_config(self._min_survivors(len(chosen))))
             secure: SecAggConfig | None = None
             per_site: dict[str, secagg_fl.Record] | None = None
             if self.cfg.federation.secure_aggregation != "none":
@@ -457,12 +483,19 @@ class Coordinator:
     def _complete_round(
         self, rnd: int, attempt: int, phase: Phase, start: float, secure: _Secure | None = None
     ) -> None:
+        client_dp = self.privacy.enabled and self.cfg.dp.client is not None
         if secure is None:
             results = [
                 SiteResult(list(p.arrays), int(p.metrics[NUM_EXAMPLES]))  # validated int
                 for _, p in sorted(phase.results.items())
             ]
-            self.weights = self.strategy.aggregate(self.weights, results)
+            if client_dp:  # DP-FedAvg: clipped updates, equal weights, noise on the sum
+                mean = self.privacy.client_mean(
+                    self.weights, [r.weights for r in results], self._min_survivors(len(results))
+                )
+                self.weights = self.strategy.apply(self.weights, mean)
+            else:
+                self.weights = self.strategy.aggregate(self.weights, results)
             train = weighted_metrics(
                 [
                     (int(p.metrics[NUM_EXAMPLES]), _numbers(p.metrics))
@@ -474,6 +507,10 @@ class Coordinator:
             failures = dict(phase.failures)
         else:
             mean = secagg_fl.apply_mean_update(self.weights, secure.aggregate.mean)
+            if client_dp:
+                mean = self.privacy.secure_mean(
+                    self.weights, mean, len(secure.survivors), self._min_survivors(len(phase.tasks))
+                )
             self.weights = self.strategy.apply(self.weights, mean)
             # Sites' counts are secret: their training metrics are averaged unweighted.
             train = weighted_metrics(
@@ -481,6 +518,14 @@ class Coordinator:
             )
             succeeded, examples = secure.survivors, secure.aggregate.count
             failures = {**phase.failures, **secure.failures}
+        if client_dp:
+            bits = [
+                float(p.metrics[CLIENT_UNCLIPPED])
+                for s, p in phase.results.items()
+                if s in succeeded and isinstance(p.metrics.get(CLIENT_UNCLIPPED), (int, float))
+            ]
+            self.privacy.update_clip(bits)
+        dp_summary = self._dp_summary(rnd, succeeded, failures)
         evaluation = self._evaluate(rnd)
         state = self.strategy.state() if isinstance(self.strategy, FedAdam) else None
         self.store.save_checkpoint(rnd, self.names, self.weights, state)
@@ -507,6 +552,7 @@ class Coordinator:
             seconds=time.time() - start,
             failures=[f"{s}: {r}" for s, r in sorted(failures.items())],
             secure_aggregation=None if secure is None else secure.summary(),
+            dp=dp_summary,
         )
         self.history.add(record)
         self.history.save(self.cfg.state_dir / "history.json")
@@ -521,6 +567,39 @@ class Coordinator:
             f"{100 * acc:.1f}%" if acc is not None else "-",
             record.seconds,
         )
+
+    def _min_survivors(self, selected: int) -> int:
+        """Fewest sites whose updates can make up an aggregate this round (for noise shares)."""
+        low = min(self.cfg.selection.min_sites, selected)
+        if self.cfg.federation.secure_aggregation != "none":
+            cfg = secagg_fl.round_config(
+                self.cfg.secagg, selected, 1, federation=self.cfg.federation.name, rnd=0
+            )
+            low = min(low, cfg.threshold)
+        return max(1, low)
+
+    def _dp_summary(
+        self, rnd: int, succeeded: list[str], failures: Mapping[str, str]
+    ) -> dict[str, Any] | None:
+        if not self.privacy.enabled:
+            return None
+        spent = self.privacy.spent(succeeded)
+        refused = sorted(s for s, r in failures.items() if "BUDGET_EXHAUSTED" in r)
+        summary: dict[str, Any] = {
+            "epsilon_max_site": max(spent.values()) if spent else 0.0,
+            "epsilon": spent,
+            "refused": refused,
+        }
+        if self.privacy.clip_norm is not None:
+            summary["client_clip_norm"] = self.privacy.clip_norm
+        self.privacy.audit("round_finished", {"round": rnd, "succeeded": succeeded, **summary})
+        log.info(
+            "round %d: privacy spent so far (PRV, δ of each budget): %s%s",
+            rnd,
+            ", ".join(f"{s} ε={e:.3f}" for s, e in sorted(spent.items())),
+            f"; refused for budget: {', '.join(refused)}" if refused else "",
+        )
+        return summary
 
     def _secure_aggregate(
         self, rnd: int, cfg: SecAggConfig, chosen: list[str], train: Phase

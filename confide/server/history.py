@@ -30,6 +30,8 @@ class RoundRecord:
     failures: list[str] = field(default_factory=list)
     # Secure aggregation of the round, when on: k, t, survivors, dropped, error bound.
     secure_aggregation: dict[str, Any] | None = None
+    # DP rounds: ε spent so far per site that took part (PRV), refusals, client clip norm.
+    dp: dict[str, Any] | None = None
 
 
 @dataclass

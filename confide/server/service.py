@@ -7,6 +7,7 @@ next poll without a restart.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("confide.coordinator")
 
+#: Who may take part in rounds, and who may read the audit records (and nothing else).
+SITE_ROLES = frozenset({"site"})
+READER_ROLES = frozenset({"auditor", "admin"})
+AUDIT_CHUNK = 1 << 20
+
 _KIND = {Kind.TRAIN: pb.Task.TRAIN, Kind.EVALUATE: pb.Task.EVALUATE, Kind.SECAGG: pb.Task.SECAGG}
 
 
@@ -50,13 +56,15 @@ class CoordinatorService:
 
     # --- authentication ----------------------------------------------------------------
 
-    def _identity(self, context: grpc.ServicerContext) -> Identity:
+    def _identity(
+        self, context: grpc.ServicerContext, roles: frozenset[str] = SITE_ROLES
+    ) -> Identity:
         try:
             return authenticate_peer(
                 context.auth_context(),
                 self.revocations,
                 federation=self.c.cfg.federation.name,
-                roles={"site"},
+                roles=set(roles),
             )
         except CertificateRevokedError as e:
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e), "revoked")
@@ -93,6 +101,9 @@ class CoordinatorService:
                 f"protocol version {request.protocol_version} is not supported; this "
                 f"coordinator speaks version {PROTOCOL_VERSION}. Upgrade the site's confide",
             )
+        # The site's budget and ledger are mirrored before it counts as connected, so the
+        # first selection after its join already knows what it may spend.
+        self.c.privacy.site_joined(ident.identity, dict(request.capabilities))
         session = self.board.join(ident.identity, ident.serial)
         self.c.store.site_seen(ident.identity, ident.role, f"{ident.serial:x}", session.session_id)
         self.c.store.event("join", site_id=ident.identity, software=request.software)
@@ -192,8 +203,24 @@ class CoordinatorService:
         self.c.store.event(
             "site_error", site_id=ident.identity, task=request.task_id, reason=reason
         )
+        if request.code == "BUDGET_EXHAUSTED" and self.c.privacy.enabled:
+            self.c.privacy.audit(
+                "site_refused_budget",
+                {"site": ident.identity, "task": request.task_id, "message": request.message},
+            )
         log.warning("site %s could not do %s: %s", ident.identity, request.task_id, reason)
         return pb.Ack()
+
+    def GetAuditRecords(
+        self, request: pb.AuditRecordsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AuditChunk]:
+        """Read-only audit access: only `auditor` and `admin` certificates; nothing starts."""
+        ident = self._identity(context, READER_ROLES)
+        document = self.c.privacy.records(reader=f"{ident.role}:{ident.identity}")
+        data = json.dumps(document, sort_keys=True).encode("utf-8")
+        log.info("%s %s read the audit records (%d bytes)", ident.role, ident.identity, len(data))
+        for start in range(0, len(data), AUDIT_CHUNK):
+            yield pb.AuditChunk(data=data[start : start + AUDIT_CHUNK])
 
 
 ServiceFactory = Callable[["Coordinator"], CoordinatorService]

@@ -19,6 +19,7 @@ from confide.client.data import PartitionSpec
 from confide.client.tasks import TASKS, DataSettings, Task, get_task
 from confide.config import first_error, fix, load_toml
 from confide.errors import ConfigError
+from confide.privacy.dp.federated import DpSettings
 from confide.privacy.secagg.federated import SecAggSettings
 
 
@@ -46,6 +47,14 @@ class SimRunConfig(BaseModel):
     batch_size: int | None = Field(None, ge=1, json_schema_extra=fix("use >= 1"))
     lr: float | None = Field(None, gt=0, json_schema_extra=fix("use a positive learning rate"))
     momentum: float | None = Field(None, ge=0, lt=1, json_schema_extra=fix("use [0, 1)"))
+    lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        json_schema_extra=fix(
+            "use a factor in (0, 1]: round r trains with lr x lr_decay^(r-1) (1: constant)"
+        ),
+    )
     max_steps: int | None = Field(
         None, ge=1, json_schema_extra=fix("use >= 1 local steps per round, or leave it unset")
     )
@@ -79,6 +88,18 @@ class SimRunConfig(BaseModel):
     secagg: SecAggSettings = Field(
         default_factory=SecAggSettings,
         json_schema_extra=fix("see docs/secure-aggregation.md for the [secagg] keys"),
+    )
+
+    dp: DpSettings = Field(
+        default_factory=DpSettings,
+        json_schema_extra=fix("see docs/privacy.md for the [dp], [dp.example], [dp.client] keys"),
+    )
+    site_epsilon_max: float | None = Field(
+        None,
+        gt=0,
+        json_schema_extra=fix(
+            "use every simulated site's ε budget (> 0); sites over it are not selected"
+        ),
     )
 
     @field_validator("task")

@@ -56,8 +56,13 @@ from confide.server.strategy import (
     weighted_metrics,
 )
 from confide.sims.config import SimRunConfig
+from confide.sims.privacy import SimPrivacy
 from confide.sims.report import plot_history
 from confide.wire import NUM_EXAMPLES
+
+
+class BudgetsExhausted(ConfideError, RuntimeError):
+    """Too few simulated sites have privacy budget left for the next round."""
 
 
 class RoundFailed(ConfideError, RuntimeError):
@@ -99,6 +104,8 @@ def run_config_for(cfg: SimRunConfig) -> dict[str, Any]:
         values["data-dir"] = str(cfg.data_dir)
     if cfg.max_samples_per_site is not None:
         values["max-samples-per-site"] = cfg.max_samples_per_site
+    if cfg.dp.enabled:  # a simulation is reproducible from its seed, DP noise included
+        values["dp-noise-seed"] = cfg.seed
     return values
 
 
@@ -107,7 +114,7 @@ def train_config_for(cfg: SimRunConfig, server_round: int) -> ConfigRecord:
     task = cfg.task_spec
     config: dict[str, Any] = {
         "server-round": server_round,
-        "lr": cfg.lr if cfg.lr is not None else task.lr,
+        "lr": (cfg.lr if cfg.lr is not None else task.lr) * cfg.lr_decay ** (server_round - 1),
         "momentum": cfg.momentum if cfg.momentum is not None else task.momentum,
         "local-epochs": cfg.local_epochs or task.local_epochs,
         "batch-size": cfg.batch_size or task.batch_size,
@@ -178,6 +185,7 @@ class InProcessEngine:
         self.weights: Weights = get_weights(model)
         self.strategy = make_strategy(cfg.strategy, cfg.server_lr)
         self.test_set = cfg.task_spec.test_data(cfg.data_settings()) if cfg.central_eval else None
+        self.dp = SimPrivacy(cfg) if cfg.dp.enabled else None
 
     # --- one site ---------------------------------------------------------------------
 
@@ -204,10 +212,25 @@ class InProcessEngine:
         self, server_round: int, record: RoundRecord, progress: Progress | None
     ) -> None:
         cfg = self.cfg
-        selected = select_sites(cfg.sites, cfg.fraction, cfg.min_sites, self.rng)
+        dp = self.dp
+        candidates = list(range(cfg.sites))
+        if dp is not None:
+            candidates = dp.eligible(candidates, server_round)
+            if len(candidates) < cfg.min_sites:
+                raise BudgetsExhausted(
+                    f"round {server_round}: only {len(candidates)} site(s) have privacy budget "
+                    f"left, {cfg.min_sites} needed. Fix: plan fewer rounds or more noise, or "
+                    "raise site_epsilon_max"
+                )
+        selected = [
+            candidates[i]
+            for i in select_sites(len(candidates), cfg.fraction, cfg.min_sites, self.rng)
+        ]
         record.sites_selected = len(selected)
         arrays = _arrays(self.names, self.weights)
         config = train_config_for(cfg, server_round)
+        if dp is not None:
+            config = ConfigRecord({**dict(config), **dp.round_config(len(selected))})
         bar = (
             progress.add_task(f"round {server_round}/{cfg.rounds} train", total=len(selected))
             if progress is not None
@@ -226,6 +249,10 @@ class InProcessEngine:
                 weights = next(iter(out.array_records.values())).to_numpy_ndarrays()
                 mrec = next(iter(out.metric_records.values()))
                 n = int(mrec[NUM_EXAMPLES])  # type: ignore[arg-type]
+                if dp is not None:  # what the site agent does: check, clip, record
+                    weights, n = dp.release(
+                        site, server_round, dict(config), self.weights, weights, dict(mrec)
+                    )
             except Exception as e:  # a failing site is recorded, the round carries on
                 record.failures.append(f"site {site}: {type(e).__name__}: {e}")
             else:
@@ -245,8 +272,15 @@ class InProcessEngine:
             )
         if cfg.secure_aggregation == "secagg+":
             self.weights = self._secure_aggregate(server_round, selected, results_by_site, record)
+        elif dp is not None and dp.aggregator is not None:
+            mean = dp.aggregator.client_mean(
+                self.weights, [r.weights for r in results], dp.min_survivors(len(selected))
+            )
+            self.weights = self.strategy.apply(self.weights, mean)
         else:
             self.weights = self.strategy.aggregate(self.weights, results)
+        if dp is not None:
+            record.dp = dp.round_summary(server_round, sorted(results_by_site), record.failures)
         agg = weighted_metrics(metrics)
         record.sites_succeeded = len(results)
         record.train_examples = sum(r.num_examples for r in results)
@@ -291,7 +325,12 @@ class InProcessEngine:
             "excluded": len(agg.excluded),
             "error_bound": agg.error_bound,
         }
-        return self.strategy.apply(self.weights, apply_mean_update(self.weights, agg.mean))
+        mean = apply_mean_update(self.weights, agg.mean)
+        if self.dp is not None and self.dp.aggregator is not None:
+            mean = self.dp.aggregator.secure_mean(
+                self.weights, mean, len(agg.survivors), self.dp.min_survivors(len(selected))
+            )
+        return self.strategy.apply(self.weights, mean)
 
     def _federated_eval(self, server_round: int, record: RoundRecord) -> None:
         cfg = self.cfg
@@ -369,6 +408,9 @@ class InProcessEngine:
                     break
 
         history.save(history_path)
+        if self.dp is not None:
+            history.meta["dp"] = self.dp.write_ledger(out_dir / "ledger.db")
+            history.save(history_path)
         plot_path = plot_history(history, out_dir / "metrics.png")
         model = build_model(cfg.model_name)
         set_weights(model, self.weights)
@@ -409,6 +451,8 @@ class InProcessEngine:
             parts.append(f"{r.sites_succeeded}/{r.sites_selected} sites")
             if r.secure_aggregation is not None:
                 parts.append(f"secagg ±{r.secure_aggregation['error_bound']:.1e}")
+            if r.dp is not None:
+                parts.append(f"ε≤{r.dp['epsilon_max_site']:.2f}")
             parts.append(f"{r.seconds:.1f} s")
         if r.failures:
             parts.append(f"[yellow]{len(r.failures)} failure(s): {r.failures[0]}[/yellow]")

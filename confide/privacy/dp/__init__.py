@@ -5,6 +5,11 @@ SQLite (the site's own file; the coordinator keeps a mirror of the same schema).
 derived from the recorded events by the PRV accountant (Opacus), with RDP beside it as a
 cross-check and Google's dp-accounting PLD as an independent recomputation; see
 ``confide.privacy.dp.accounting`` for why.
+
+Submodules: ``federated`` (the ``[dp]`` settings and the per-round plan every side reads),
+``client`` (DP-FedAvg: clipping, noise shares, the noisy mean, adaptive clipping, the
+noise solvers) and ``sgd`` (Opacus DP-SGD for one site's local training; imported on
+demand, it pulls in torch and Opacus).
 """
 
 from __future__ import annotations

@@ -237,6 +237,10 @@ class PrivacyLedger(DurableDB):
         again (a retried call) returns the existing id and adds nothing."""
         return self._insert([event], origin="local")[0]
 
+    def record_many(self, events: Sequence[DpEvent]) -> list[int]:
+        """Append many events in one transaction (idempotent per event, like :meth:`record`)."""
+        return self._insert(list(events), origin="local")
+
     def record_report(self, kind: str, payload: Mapping[str, Any], site: str | None = None) -> int:
         """Append a data-protection report that is not a DP event (e.g. ``deid_report``:
         what de-identification did, never the data); returns its id. Append-only."""

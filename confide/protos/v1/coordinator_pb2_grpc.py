@@ -67,6 +67,11 @@ class CoordinatorStub:
                 request_serializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.SiteError.SerializeToString,
                 response_deserializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.Ack.FromString,
                 _registered_method=True)
+        self.GetAuditRecords = channel.unary_stream(
+                '/confide.v1.Coordinator/GetAuditRecords',
+                request_serializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.AuditRecordsRequest.SerializeToString,
+                response_deserializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.AuditChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -117,6 +122,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditRecords(self, request, context):
+        """Read-only, for `auditor` and `admin` certificates only (sites are refused): the
+        coordinator's mirror of every site's privacy ledger, the sites' budgets and its
+        signed audit log. The chunks' data concatenated is one UTF-8 JSON document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +163,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportError,
                     request_deserializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.SiteError.FromString,
                     response_serializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.Ack.SerializeToString,
+            ),
+            'GetAuditRecords': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetAuditRecords,
+                    request_deserializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.AuditRecordsRequest.FromString,
+                    response_serializer=confide_dot_protos_dot_v1_dot_coordinator__pb2.AuditChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +335,33 @@ class Coordinator:
             '/confide.v1.Coordinator/ReportError',
             confide_dot_protos_dot_v1_dot_coordinator__pb2.SiteError.SerializeToString,
             confide_dot_protos_dot_v1_dot_coordinator__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/confide.v1.Coordinator/GetAuditRecords',
+            confide_dot_protos_dot_v1_dot_coordinator__pb2.AuditRecordsRequest.SerializeToString,
+            confide_dot_protos_dot_v1_dot_coordinator__pb2.AuditChunk.FromString,
             options,
             channel_credentials,
             insecure,
