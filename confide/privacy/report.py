@@ -51,6 +51,7 @@ from confide.privacy.audit import (
 )
 from confide.privacy.dp import accounting
 from confide.privacy.dp.accounting import (
+    EVENT_FIELDS,
     PLD_DISCRETIZATION,
     PRV_RELATIVE_ERROR,
     DpError,
@@ -76,20 +77,7 @@ CURVE_PRV_RELATIVE_ERROR = 0.01
 #: Relative disagreement between accountants above which the report warns.
 CROSS_CHECK_TOLERANCE = 0.01
 
-_EVENT_FIELDS = (
-    "mechanism",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "clip_norm",
-    "delta",
-    "dataset_size",
-    "federation",
-    "round",
-    "time",
-    "site",
-    "note",
-)
+_EVENT_FIELDS = EVENT_FIELDS
 
 
 class ReportError(ConfideError):

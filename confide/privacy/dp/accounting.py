@@ -133,6 +133,10 @@ class DpEvent:
         return replace(self, site=site)
 
 
+#: DpEvent's fields in order: the ledger's columns and the report's event table.
+EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DpEvent))
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from confide.db import DurableDB, connect
 from confide.privacy.dp.accounting import (
+    EVENT_FIELDS,
     AccountingError,
     DpError,
     DpEvent,
@@ -87,20 +88,7 @@ CREATE TABLE IF NOT EXISTS dp_budgets (
 );
 """
 
-_EVENT_COLUMNS = (
-    "mechanism",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "clip_norm",
-    "delta",
-    "dataset_size",
-    "federation",
-    "round",
-    "time",
-    "site",
-    "note",
-)
+_EVENT_COLUMNS = EVENT_FIELDS
 
 
 class LedgerError(DpError, RuntimeError):
