@@ -42,7 +42,14 @@ def _demo(out: Path, *extra: str, cwd: Path | None = None) -> subprocess.Popen[s
         text=True,
         cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A test run started in the background (`make test &`, nohup) inherits SIGINT
+        # ignored, and so would the demo: give it the default, as a terminal would.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_demo_runs_a_networked_federation_and_says_where_things_are(tmp_path: Path) -> None:
