@@ -146,7 +146,8 @@ class AuditError(ConfideError):
 
 
 class AuditInputError(AuditError, ValueError):
-    """An entry to append is invalid (empty actor, payload not a JSON object, NaN, ...)."""
+    """An entry to append, or a JSON export to read, is invalid (empty actor, payload not a
+    JSON object, NaN, a file that is not an export, ...)."""
 
 
 class AuditKeyError(AuditError):
@@ -243,6 +244,23 @@ def key_id_of(public_key: Ed25519PublicKey) -> str:
     """Lowercase hex SHA-256 of the raw 32-byte public key: the ``key_id`` of its entries."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
+
+
+def read_export(path: Path, what: str = "--log") -> list[dict[str, Any]]:
+    """The entries of a log's JSON export (``confide audit export``), unverified."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AuditInputError(
+            f"{what}: {path} is not a JSON export ({e}). Fix: pass audit.db or a file "
+            "written by `confide audit export`"
+        ) from None
+    if not isinstance(entries, list):
+        raise AuditInputError(
+            f"{what}: {path} is JSON but not a list of entries. Fix: pass a file written "
+            "by `confide audit export`"
+        )
+    return entries
 
 
 def load_public_key(pem: str | bytes) -> Ed25519PublicKey:

@@ -90,19 +90,18 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from confide.privacy.audit import AuditLog, read_public_key, trust_store, verify_entries
+    from confide.privacy.audit import (
+        AuditLog,
+        read_export,
+        read_public_key,
+        trust_store,
+        verify_entries,
+    )
 
     log = _existing(args.log, "--log")
     keys = trust_store(*(read_public_key(_existing(p, "--trust")) for p in args.trust))
     if log.suffix == ".json":
-        try:
-            entries = json.loads(log.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfideError(
-                f"--log: {log} is not a JSON export ({e}). Fix: pass audit.db "
-                "or a file written by `confide audit export`"
-            ) from None
-        report = verify_entries(entries, keys, expected_head=args.head)
+        report = verify_entries(read_export(log), keys, expected_head=args.head)
     else:
         with AuditLog(log) as audit:
             report = audit.verify(keys, expected_head=args.head)

@@ -45,6 +45,7 @@ from confide.privacy.audit import (
     AuditError,
     AuditLog,
     Entry,
+    read_export,
     read_public_key,
     trust_store,
     verify_entries,
@@ -326,17 +327,9 @@ def _read_audit(path: Path, keys: Sequence[Path], head: str | None, tmp: Path) -
         if not Path(path).is_file():
             raise DataNotFoundError(f"--log: {path} not found. Fix: pass an existing file")
         try:
-            entries = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ReportError(
-                f"--log: {path} is not a JSON export ({e}). Fix: pass audit.db or a file "
-                "written by `confide audit export`"
-            ) from None
-        if not isinstance(entries, list):
-            raise ReportError(
-                f"--log: {path} is JSON but not a list of entries. Fix: pass a file written "
-                "by `confide audit export`"
-            )
+            entries = read_export(Path(path))
+        except AuditError as e:
+            raise ReportError(str(e)) from None
     else:
         copy = _snapshot(Path(path), tmp, "--log")
         if not _has_table(copy, "audit_entries"):
