@@ -60,12 +60,14 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fedavg_mnist.py --json benchmarks/results/fedavg_mnist.json
 	$(BIN)/python benchmarks/fedavg_shakespeare.py --json benchmarks/results/fedavg_shakespeare.json
 	$(BIN)/python benchmarks/dp_accuracy.py --json benchmarks/results/dp_accuracy.json
+	$(BIN)/python benchmarks/sim_scale.py --json benchmarks/results/sim_scale.json
 
 bench-smoke: $(DEV_STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/fedavg_mnist.py --quick
 	$(BIN)/python benchmarks/fedavg_shakespeare.py --quick
 	$(BIN)/python benchmarks/dp_accuracy.py --quick
+	$(BIN)/python benchmarks/sim_scale.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(c)
     for r in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
-    Console().print(table)
+    # Wide enough for the tables' headers even when the output is piped to a file.
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -50,19 +51,31 @@ def write_configs(
     samples: int,
     model: str,
     secure_aggregation: bool = False,
+    train: dict[str, float | int] | None = None,
+    extra_toml: str = "",
+    federation: str = FEDERATION,
+    partition: str = "dirichlet:0.5",
+    site_extra_toml: str = "",
 ) -> tuple[Path, list[Path]]:
-    """PKI, kits and the TOML files of a local federation under ``out``."""
+    """PKI, kits and the TOML files of a local federation under ``out``.
+
+    ``train`` replaces the ``[train]`` table sent to the sites' ClientApps; ``extra_toml``
+    is appended to ``federation.toml`` (e.g. a ``[dp]`` section) and ``site_extra_toml``
+    to every site file (e.g. a ``[privacy]`` budget).
+    """
     from confide.privacy.crypto import init_ca, issue
 
     address = f"127.0.0.1:{port}"
-    init_ca(out / "pki", FEDERATION, coordinator_address=address)
+    init_ca(out / "pki", federation, coordinator_address=address)
+    train = train or {"lr": 0.05, "local-epochs": 1, "batch-size": 10}
+    train_lines = "\n".join(f'"{k}" = {v!r}' for k, v in train.items())
     fed = out / "federation.toml"
     secure = 'secure_aggregation = "secagg+"   # the coordinator learns only the sum\n'
     min_sites = max(3, sites - 1) if secure_aggregation else max(1, sites - 1)
     fed.write_text(
         f"""# The demo federation: {sites} sites, {rounds} rounds of FedAvg on the MNIST CNN.
 [federation]
-name = "{FEDERATION}"
+name = "{federation}"
 model = "{model}"
 rounds = {rounds}
 strategy = "fedavg"
@@ -79,9 +92,7 @@ wait_for_sites_seconds = 120
 fraction = 1.0
 
 [train]          # sent to every site's ClientApp as its Flower ConfigRecord
-lr = 0.05
-local-epochs = 1
-batch-size = 10
+{train_lines}
 
 [server]
 address = "{address}"
@@ -91,7 +102,7 @@ chunk_mb = 4
 heartbeat_seconds = 2
 site_timeout_seconds = 30
 max_poll_seconds = 5
-"""
+{extra_toml}"""
     )
     site_files = []
     for i in range(sites):
@@ -100,7 +111,7 @@ max_poll_seconds = 5
         data_line = f'data-dir = "{data_dir}"\n' if data_dir else ""
         cfg = out / f"{name}.toml"
         cfg.write_text(
-            f"""# Site {name}: the built-in MNIST CNN app on its part of a Dirichlet(0.5) split.
+            f"""# Site {name}: the built-in MNIST CNN app on its part of a {partition} split.
 app = "confide.client.apps:mnist_cnn"
 
 [node_config]
@@ -108,14 +119,14 @@ partition-id = {i}
 num-partitions = {sites}
 
 [run_config]
-{data_line}partition = "dirichlet:0.5"
+{data_line}partition = "{partition}"
 seed = 0
 max-samples-per-site = {samples}
 model = "{model}"
 
 [agent]
 poll_seconds = 5
-"""
+{site_extra_toml}"""
         )
         site_files.append(cfg)
     return fed, site_files
@@ -157,9 +168,29 @@ def run_demo(
         + (", secure aggregation (SecAgg+)" if secure_aggregation else "")
     )
     print(f"  CA and kits:  {out / 'pki'} , {out / 'kits'}")
+    code = run_local(out, fed, site_files, timeout=timeout, show_sites=verbose_sites)
+    _summary(out, code)
+    return code
+
+
+def run_local(
+    out: Path,
+    federation_toml: Path,
+    site_files: Sequence[Path],
+    *,
+    timeout: float = 900.0,
+    show_coordinator: bool = True,
+    show_sites: bool = False,
+    threads_per_site: int = 1,
+) -> int:
+    """Run a coordinator and one process per site file (kits in ``out/kits/site-N``).
+
+    Output goes to ``out/logs``; children run inside ``out`` and are stopped on success,
+    failure, timeout or Ctrl-C (exit code 130). Returns the coordinator's exit code.
+    """
     env = dict(os.environ)
-    # Three trainers share two cores: one thread each avoids oversubscription stalls.
-    env.setdefault("OMP_NUM_THREADS", "1")
+    # Several trainers share the cores: one thread each avoids oversubscription stalls.
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_site))
     env["PYTHONUNBUFFERED"] = "1"
     cli = [sys.executable, "-m", "confide.cli"]
     procs: list[tuple[str, subprocess.Popen[str]]] = []
@@ -188,24 +219,31 @@ def run_demo(
 
     code = 1
     try:
-        coordinator = spawn("coordinator", ["coordinator", "start", "--config", str(fed)], True)
+        coordinator = spawn(
+            "coordinator",
+            ["coordinator", "start", "--config", str(federation_toml)],
+            show_coordinator,
+        )
         for i, cfg in enumerate(site_files):
             name = f"site-{i + 1}"
             spawn(
                 name,
                 ["site", "start", "--kit", str(out / "kits" / name), "--config", str(cfg)],
-                verbose_sites,
+                show_sites,
             )
         end = time.monotonic() + timeout
         reported: set[str] = set()
         while coordinator.poll() is None:
             if time.monotonic() > end:
-                raise ConfideError(f"the demo did not finish within {timeout:.0f} s")
+                raise ConfideError(
+                    f"the federation did not finish within {timeout:.0f} s; see {out / 'logs'}. "
+                    "Fix: allow more time, or read the logs for a site that stopped"
+                )
             for name, p in procs[1:]:
                 if p.poll() not in (None, 0) and name not in reported:
                     reported.add(name)
                     print(
-                        f"[demo] {name} exited with code {p.returncode}; "
+                        f"[local] {name} exited with code {p.returncode}; "
                         f"see {out / 'logs' / (name + '.log')}"
                     )
             time.sleep(0.5)
@@ -214,13 +252,12 @@ def run_demo(
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=20)
     except KeyboardInterrupt:
-        print("\n[demo] interrupted: stopping every process")
+        print("\n[local] interrupted: stopping every process")
         code = 130
     finally:
         _stop_all([p for _, p in procs])
         for t in threads:
             t.join(timeout=2)
-    _summary(out, code)
     return code
 
 

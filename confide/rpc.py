@@ -8,11 +8,15 @@ upload frames straight from the arrays (:func:`confide.wire.frames`), and
 :func:`confide.wire.decode` reads data frames in place. The bytes on the wire are the
 same ``confide.v1.Chunk`` messages, so a peer using the generated stubs interoperates
 (tests do exactly that). Every other method uses the generated message classes.
+An optional :class:`TrafficMeter` counts every message in and out of the service, per
+method and direction, at the same serializers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -20,6 +24,8 @@ import grpc
 from confide.protos.v1 import coordinator_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+# gRPC puts each message behind a 1-byte compressed flag and a 4-byte length.
+GRPC_PREFIX_BYTES = 5
 
 # method -> (request class, response class); None marks a stream of raw Chunk frames.
 _METHODS: dict[str, tuple[Any, Any]] = {
@@ -76,16 +82,156 @@ class CoordinatorServicer(Protocol):
     ) -> Iterator[pb.AuditChunk]: ...
 
 
-def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:
-    """Register ``servicer`` on ``server``; the streaming methods exchange raw frames."""
+@dataclass(frozen=True)
+class MethodTraffic:
+    """Bytes (gRPC length prefix included) and messages of one method, both directions.
+
+    ``up`` is what the peers sent to the service (requests, uploaded chunks), ``down``
+    what the service sent back.
+    """
+
+    up: int = 0
+    down: int = 0
+    up_messages: int = 0
+    down_messages: int = 0
+
+    def __sub__(self, other: MethodTraffic) -> MethodTraffic:
+        return MethodTraffic(
+            self.up - other.up,
+            self.down - other.down,
+            self.up_messages - other.up_messages,
+            self.down_messages - other.down_messages,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.up_messages or self.down_messages)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """A :class:`TrafficMeter` reading: per method, and totals; ``b - a`` is the window."""
+
+    methods: Mapping[str, MethodTraffic]
+
+    @property
+    def up(self) -> int:
+        return sum(m.up for m in self.methods.values())
+
+    @property
+    def down(self) -> int:
+        return sum(m.down for m in self.methods.values())
+
+    @property
+    def messages(self) -> int:
+        return sum(m.up_messages + m.down_messages for m in self.methods.values())
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        zero = MethodTraffic()
+        return Traffic({k: v - other.methods.get(k, zero) for k, v in self.methods.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: totals and the methods that carried anything."""
+        return {
+            "up_bytes": self.up,
+            "down_bytes": self.down,
+            "messages": self.messages,
+            "by_method": {
+                name: {
+                    "up_bytes": m.up,
+                    "down_bytes": m.down,
+                    "up_messages": m.up_messages,
+                    "down_messages": m.down_messages,
+                }
+                for name, m in self.methods.items()
+                if m
+            },
+        }
+
+
+class TrafficMeter:
+    """Counts the serialized messages a service receives and sends, per method.
+
+    Bytes are the gRPC message layer: each serialized message (or raw ``Chunk`` frame)
+    plus gRPC's 5-byte length prefix; HTTP/2 and TLS framing are not included. One int
+    add under a lock per message, so it stays on for every stream.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # method -> [up bytes, down bytes, up messages, down messages]
+        self._counts: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in _METHODS}
+
+    def add(self, method: str, up: bool, nbytes: int) -> None:
+        """Count one message of ``nbytes`` serialized bytes."""
+        slot = 0 if up else 1
+        counts = self._counts[method]
+        with self._lock:
+            counts[slot] += nbytes + GRPC_PREFIX_BYTES
+            counts[slot + 2] += 1
+
+    def snapshot(self) -> Traffic:
+        with self._lock:
+            return Traffic({name: MethodTraffic(*c) for name, c in self._counts.items()})
+
+    def deserializer(
+        self, method: str, parse: Callable[[bytes], Any] | None
+    ) -> Callable[[bytes], Any]:
+        """A request deserializer that counts what arrives (raw frames pass through)."""
+        add = self.add
+        if parse is None:
+
+            def raw(data: bytes) -> bytes:
+                add(method, True, len(data))
+                return data
+
+            return raw
+
+        def counted(data: bytes) -> Any:
+            add(method, True, len(data))
+            return parse(data)
+
+        return counted
+
+    def serializer(
+        self, method: str, serialize: Callable[[Any], bytes] | None
+    ) -> Callable[[Any], bytes]:
+        """A response serializer that counts what leaves (raw frames pass through)."""
+        add = self.add
+        if serialize is None:
+
+            def raw(frame: bytes) -> bytes:
+                add(method, False, len(frame))
+                return frame
+
+            return raw
+
+        def counted(message: Any) -> bytes:
+            data = serialize(message)
+            add(method, False, len(data))
+            return data
+
+        return counted
+
+
+def add_coordinator_service(
+    servicer: CoordinatorServicer, server: grpc.Server, meter: TrafficMeter | None = None
+) -> None:
+    """Register ``servicer`` on ``server``; the streaming methods exchange raw frames.
+
+    With a ``meter``, every message in and out is counted (:class:`TrafficMeter`).
+    """
     handlers = {}
     for name, (req, resp) in _METHODS.items():
         kind = _STREAMING.get(name, "unary_unary")
         make = getattr(grpc, f"{kind}_rpc_method_handler")
+        parse = None if req is None else req.FromString
+        serialize = None if resp is None else resp.SerializeToString
+        if meter is not None:
+            parse, serialize = meter.deserializer(name, parse), meter.serializer(name, serialize)
         handlers[name] = make(
             getattr(servicer, name),
-            request_deserializer=None if req is None else req.FromString,
-            response_serializer=None if resp is None else resp.SerializeToString,
+            request_deserializer=parse,
+            response_serializer=serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 

@@ -173,7 +173,8 @@ def frames(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
     if len(payload.names) != len(payload.arrays):
         raise WireError(f"{len(payload.names)} names for {len(payload.arrays)} arrays")
     arrays = [
-        np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes them shape (1,))
+        np.require(a.astype(a.dtype.newbyteorder("<"), copy=False), requirements="C")
         for a in payload.arrays
     ]
     headers = []

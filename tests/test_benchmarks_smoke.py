@@ -15,7 +15,14 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "script",
-    ["train_throughput.py", "fedavg_mnist.py", "fedavg_shakespeare.py", "dp_accuracy.py"],
+    [
+        "train_throughput.py",
+        "fedavg_mnist.py",
+        "fedavg_shakespeare.py",
+        "dp_accuracy.py",
+        "sim_scale.py",  # N = 30: Flower's simulation, Confide on Ray and in process
+        "sim_estimate.py",
+    ],
 )
 def test_benchmark_quick_run_prints_a_table_and_writes_json(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
@@ -61,3 +68,22 @@ def test_secagg_benchmark_quick_run_checks_the_aggregate_and_writes_real_figures
             assert r["flower_figures"]["mask_s"] > 0
             assert r["flower_figures"]["unmask_s"] > 0
     assert [g["status"] for g in data["goals"]] == ["not run"] * 3  # --quick: no N=100 row
+
+
+@pytest.mark.slow
+def test_cost_validation_quick_run_meets_the_bytes_target(tmp_path: Path) -> None:
+    """A real 3-site loopback federation against the estimate: bytes within 2 %."""
+    out = tmp_path / "cost_validation.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "cost_validation.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (result,) = data["results"]
+    assert result["bytes_per_round_measured"] > 1_000_000  # two cnn-small transfers per site
+    assert abs(result["bytes_error"]) < 0.02, result
+    assert result["round_seconds_measured"] > 0 and result["round_seconds_estimated"] > 0

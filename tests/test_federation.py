@@ -282,6 +282,27 @@ def evaluate(msg: Message, context: Context) -> Message:
 '''
 
 
+def test_a_numpy_client_app_trains_through_the_coordinator_unchanged(tmp_path: Path) -> None:
+    """A ClientApp(client_fn=...) around a NumPyClient speaks Flower's legacy records."""
+    from confide.client.apps import mnist_cnn_numpy
+
+    fed = make_federation(tmp_path)
+    with running_coordinator(fed) as (_coordinator, codes):
+        for i, name in enumerate(("site-1", "site-2")):
+            agent = fed.agent(name, i, 2, app=mnist_cnn_numpy)
+            assert agent.dialect.legacy
+            fed.start_agent(agent)
+        _wait(lambda: codes, 240, "the federation to finish")
+        for t in fed.threads:
+            t.join(timeout=20)
+    assert codes == [0] and not fed.errors
+    history = json.loads((tmp_path / "state" / "history.json").read_text())
+    rounds = {r["round"]: r for r in history["rounds"]}
+    assert rounds[2]["sites_succeeded"] == 2 and rounds[2]["train_examples"] > 0
+    assert rounds[2]["eval_examples"] > 0
+    assert rounds[2]["eval_accuracy"] > rounds[0]["eval_accuracy"] + 0.3
+
+
 def test_a_flower_only_clientapp_trains_through_the_coordinator(tmp_path: Path) -> None:
     app_dir = tmp_path / "user"
     app_dir.mkdir()

@@ -173,3 +173,16 @@ def test_raw_frames_that_are_not_plain_data_are_parsed_as_protobuf() -> None:
         decode([frames[0], b"\x12\xff\xff\xff", *frames[2:]], max_bytes=16 * MB)
     with pytest.raises(WireError, match="not str"):
         decode([frames[0], "text"], max_bytes=16 * MB)  # type: ignore[list-item]
+
+
+def test_a_zero_dimensional_array_keeps_its_shape() -> None:
+    # BatchNorm's num_batches_tracked is a 0-d tensor: sent as shape (1,) it would not
+    # load back into the model's state dict.
+    payload = Payload("t", ["count", "w"], [np.array(7, dtype=np.int64), np.ones(3, np.float32)])
+    for stream in (
+        list(wire.frames(payload, 8)),
+        [c.SerializeToString() for c in encode(payload, 8)],
+    ):
+        out = decode(iter(stream), max_bytes=1 << 20)
+        assert out.arrays[0].shape == ()
+        assert int(out.arrays[0]) == 7

@@ -40,8 +40,6 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -52,6 +50,7 @@ from flwr.clientapp import ClientApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from confide import __version__, wire
+from confide.client.dialect import AppDialect
 from confide.client.privacy import PrivacySettings, RoundRefused, SitePrivacy
 from confide.config import first_error, fix, load_toml
 from confide.errors import ConfideError, ConfigError
@@ -336,11 +335,34 @@ def validate_site_config(
         raise first_error(err, SiteConfig, flag_fields=flag_fields or ()) from None
 
 
+_APP_FIX = "name a Flower ClientApp as module:attribute, e.g. confide.client.apps:mnist_cnn"
+
+
 def load_app(spec: str, *, app_dir: Path | None = None) -> ClientApp:
     """Import the Flower ``ClientApp`` named ``module:attribute`` (``app_dir`` searched first)."""
-    fix_name = "name a Flower ClientApp as module:attribute, e.g. confide.client.apps:mnist_cnn"
+    obj = load_attribute(spec, app_dir=app_dir)
+    if not isinstance(obj, ClientApp):
+        raise ConfigError(
+            "app",
+            f"{spec} is a {type(obj).__name__}, not a flwr.clientapp.ClientApp",
+            "point app at a ClientApp object (e.g. `app = ClientApp()` with @app.train())",
+        )
+    return obj
+
+
+def load_attribute(
+    spec: str,
+    *,
+    app_dir: Path | None = None,
+    field: str = "app",
+    fix_name: str = _APP_FIX,
+) -> Any:
+    """Import the object named ``module:attribute`` (``app_dir`` searched first).
+
+    Errors name ``field`` (the setting that held ``spec``) and say how to fix it.
+    """
     if not isinstance(spec, str) or not _APP_SPEC.fullmatch(spec):
-        raise ConfigError("app", f"{spec!r} is not module:attribute", fix_name)
+        raise ConfigError(field, f"{spec!r} is not module:attribute", fix_name)
     if app_dir is not None:
         folder = Path(app_dir).expanduser().resolve()
         if not folder.is_dir():
@@ -355,32 +377,26 @@ def load_app(spec: str, *, app_dir: Path | None = None) -> ClientApp:
     except ModuleNotFoundError as e:
         if e.name is not None and (e.name == module_name or module_name.startswith(e.name + ".")):
             raise ConfigError(
-                "app",
+                field,
                 f"no module named {e.name!r} (from {spec!r})",
                 "check the spelling, or pass --app-dir with the folder that holds the module",
             ) from None
         raise ConfigError(
-            "app",
+            field,
             f"importing {module_name!r} failed: {e}",
             "install the missing package in the site's Python environment",
         ) from None
     except Exception as e:
         raise ConfigError(
-            "app",
+            field,
             f"importing {module_name!r} raised {type(e).__name__}: {e}",
             "fix the error in that module (try `python -c 'import " + module_name + "'`)",
         ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError("app", f"module {module_name!r} has no attribute {attr!r}", fix_name)
+            raise ConfigError(field, f"module {module_name!r} has no attribute {attr!r}", fix_name)
         obj = getattr(obj, part)
-    if not isinstance(obj, ClientApp):
-        raise ConfigError(
-            "app",
-            f"{spec} is a {type(obj).__name__}, not a flwr.clientapp.ClientApp",
-            "point app at a ClientApp object (e.g. `app = ClientApp()` with @app.train())",
-        )
     return obj
 
 
@@ -520,6 +536,7 @@ class SiteAgent:
         self.config = config
         self.settings = config.agent
         self.app = app if app is not None else load_app(config.app)
+        self.dialect = AppDialect.of(self.app)  # message API or a NumPyClient's legacy records
         self.address = config.coordinator or kit.coordinator_address
         self._state = RecordDict()  # the app's Context.state, kept for the agent's lifetime
         self._context: Context | None = None
@@ -1079,13 +1096,8 @@ class SiteAgent:
         except wire.WireError as e:
             raise _TaskFailed("TASK_FAILED", f"the task's config is malformed: {e}") from None
         config["server-round"] = int(task.round)
-        arrays = ArrayRecord(
-            {
-                name: Array(np.ascontiguousarray(a))
-                for name, a in zip(model.names, model.arrays, strict=True)
-            }
-        )
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        make = self.dialect.train_content if train else self.dialect.evaluate_content
+        content = make(model.names, model.arrays, ConfigRecord(config))
         assert self._context is not None
         return instruction(
             content,
@@ -1142,7 +1154,12 @@ class SiteAgent:
     def _result(
         self, task: pb.Task, train: bool, model: wire.Payload, reply: Message
     ) -> wire.Payload:
-        content = reply.content
+        try:  # a NumPyClient's legacy records, read as the message API's
+            content = self.dialect.modern_reply(reply, train, model.names)
+        except Exception as e:
+            raise _TaskFailed(
+                "TASK_FAILED", f"the ClientApp's reply cannot be read: {type(e).__name__}: {e}"
+            ) from None
         metric_record = next(iter(content.metric_records.values()), None)
         metrics: dict[str, wire.ScalarValue] = {}
         for key, value in (metric_record or {}).items():

@@ -264,7 +264,7 @@ def dp_events_of(context: Context) -> list[dict[str, Any]]:
 
 
 def _as_arrays(weights: list[np.ndarray]) -> list[Array]:
-    return [Array(np.ascontiguousarray(w)) for w in weights]
+    return [Array(np.require(w, requirements="C")) for w in weights]
 
 
 # module:attribute names for `flwr run`, the site agent and `confide sim run --app`.

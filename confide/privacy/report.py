@@ -24,23 +24,25 @@ report, not an exception.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import io
 import json
 import math
-import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from confide.errors import ConfideError, DataNotFoundError
+from confide.errors import DataNotFoundError
+from confide.htmlpage import ReportError, page_head, png_img, write_html_json
+from confide.htmlpage import esc as _e
+from confide.htmlpage import num as _num
+from confide.htmlpage import okmark as _okmark
+from confide.htmlpage import table as _table
 from confide.privacy.audit import (
     AuditError,
     AuditLog,
@@ -79,10 +81,6 @@ CURVE_PRV_RELATIVE_ERROR = 0.01
 CROSS_CHECK_TOLERANCE = 0.01
 
 _EVENT_FIELDS = EVENT_FIELDS
-
-
-class ReportError(ConfideError):
-    """The report's inputs cannot be read (missing file, not a ledger, malformed JSON)."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -991,65 +989,13 @@ def plot_png(report: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1200px;color:#1b1f23;line-height:1.45;padding:0 1em}
-h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ccc}
-h3{margin-top:1.4em}.muted{color:#666;font-size:.9em}
-.verdict{padding:1em 1.2em;border-radius:6px;margin:1em 0;font-size:1.1em}
-.pass{background:#e6f4ea;border:1px solid #34a853}.fail{background:#fce8e6;border:1px solid #d93025}
-table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.ok{color:#188038;font-weight:600}.bad{color:#d93025;font-weight:600}.warn{color:#b06000}
-code,pre{font-family:SFMono-Regular,Consolas,monospace;font-size:.85em}
-pre{background:#f6f8fa;padding:.8em;overflow-x:auto;border:1px solid #e1e4e8}
-.uid{font-family:monospace;font-size:.8em}img{max-width:100%}
-"""
-
-
-def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
-
-
-def _num(v: Any, fmt: str = ".4f") -> str:
-    if v is None:
-        return "&ndash;"
-    if isinstance(v, float):
-        return _e(format(v, fmt))
-    return _e(v)
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[int]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)
-        )
-        + "</tr>"
-        for r in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _okmark(ok: bool, yes: str = "OK", no: str = "FAIL") -> str:
-    return f'<span class="ok">{_e(yes)}</span>' if ok else f'<span class="bad">{_e(no)}</span>'
-
-
 def render_html(report: Mapping[str, Any]) -> str:
     """One self-contained HTML page (inline CSS, the plot as a data URI, no script, no URL)."""
     v = report["verdict"]
     acc = report["accountants"]
     parts: list[str] = []
     add: Callable[[str], None] = parts.append
-    add("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>")
-    add(
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-        "img-src data:; style-src 'unsafe-inline'\">"
-    )
-    add("<title>Confide compliance report</title>")
-    add(f"<style>{_CSS}</style></head><body>")
+    add(page_head("Confide compliance report"))
     add("<h1>Confide compliance report</h1>")
     add(
         f"<p class='muted'>Generated {_e(report['generated'])} by Confide "
@@ -1105,12 +1051,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         ]
         rows.append(row)
     add(_table(headers, rows, numeric))
-    png = base64.b64encode(plot_png(report)).decode("ascii")
     add("<h2>ε over rounds</h2>")
-    add(
-        f"<img alt='epsilon after each round per site, with budgets' "
-        f"src='data:image/png;base64,{png}'>"
-    )
+    add(png_img(plot_png(report), "epsilon after each round per site, with budgets"))
     add(
         f"<p class='muted'>x: rounds the site took part in, across all its federations, in "
         f"time order. PRV ε at up to {_e(acc['curve_prv_points'])} evenly spaced rounds "
@@ -1334,23 +1276,7 @@ def write_report(
     report: Mapping[str, Any], html_path: Path, json_path: Path | None = None
 ) -> list[Path]:
     """Write the HTML (and JSON) report; returns the paths written."""
-    todo = [(Path(html_path), render_html(report))]
-    if json_path is not None:
-        text = json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-        todo.append((Path(json_path), text))
-    out = []
-    for path, text in todo:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            shutil.move(str(tmp), path)
-        except OSError as e:
-            raise ReportError(
-                f"cannot write {path} ({e.strerror or e}). Fix: pass a writable path"
-            ) from None
-        out.append(path)
-    return out
+    return write_html_json(render_html(report), Path(html_path), report, json_path)
 
 
 __all__ = [

@@ -85,6 +85,7 @@ def _status(args: argparse.Namespace) -> int:
         rounds = store.rounds()
         sites = store.sites()
         events = store.events("checkpoint")
+        traffic = {e["round"]: e for e in store.events("traffic")}  # the meter, per round
     finally:
         store.close()
     now = time.time()
@@ -93,6 +94,8 @@ def _status(args: argparse.Namespace) -> int:
     last_acc = next(
         (r.eval_metrics.get("eval_accuracy") for r in reversed(done) if r.eval_metrics), None
     )
+    down = sum(int(t.get("down_bytes", 0)) for t in traffic.values())
+    up = sum(int(t.get("up_bytes", 0)) for t in traffic.values())
     summary = {
         "federation": cfg.federation.name,
         "rounds_planned": cfg.federation.rounds,
@@ -101,6 +104,8 @@ def _status(args: argparse.Namespace) -> int:
         "last_eval_accuracy": last_acc,
         "sites_connected": sum(1 for s in sites if now - s.last_seen <= timeout),
         "sites_known": len(sites),
+        "bytes_down": down,
+        "bytes_up": up,
     }
     if args.json:
         print(
@@ -109,6 +114,10 @@ def _status(args: argparse.Namespace) -> int:
                     **summary,
                     "rounds": [r.__dict__ for r in rounds],
                     "sites": [s.__dict__ for s in sites],
+                    "traffic": [
+                        {k: v for k, v in t.items() if k not in ("ts", "kind", "site_id")}
+                        for t in traffic.values()
+                    ],
                 },
                 indent=2,
             )
@@ -119,7 +128,7 @@ def _status(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]{cfg.federation.name}[/bold]: {summary['rounds_completed']}/"
         f"{cfg.federation.rounds} rounds, {summary['sites_connected']} of {len(sites)} sites "
-        f"connected, last accuracy {acc}"
+        f"connected, last accuracy {acc}, {down / 1e6:.3g} MB down / {up / 1e6:.3g} MB up"
     )
     table = Table(title="rounds")
     for col in (
@@ -130,6 +139,7 @@ def _status(args: argparse.Namespace) -> int:
         "failures",
         "train loss",
         "eval acc",
+        "MB down/up",
         "s",
     ):
         table.add_column(col)
@@ -143,6 +153,9 @@ def _status(args: argparse.Namespace) -> int:
             f"{r.train_metrics['train_loss']:.3f}" if "train_loss" in r.train_metrics else "-",
             f"{100 * r.eval_metrics['eval_accuracy']:.1f}%"
             if "eval_accuracy" in r.eval_metrics
+            else "-",
+            f"{t['down_bytes'] / 1e6:.3g}/{t['up_bytes'] / 1e6:.3g}"
+            if r.status == "ok" and (t := traffic.get(r.round)) is not None
             else "-",
             f"{(r.finished or now) - r.started:.1f}",
         )

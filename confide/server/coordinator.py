@@ -41,7 +41,7 @@ from confide.privacy.secagg import (
     UnmaskReply,
 )
 from confide.privacy.secagg import federated as secagg_fl
-from confide.rpc import add_coordinator_service
+from confide.rpc import TrafficMeter, add_coordinator_service
 from confide.server.config import FederationConfig
 from confide.server.history import History, RoundRecord
 from confide.server.privacy import CoordinatorPrivacy
@@ -129,8 +129,9 @@ class Coordinator:
         self._models: OrderedDict[tuple[str, int], tuple[list[bytes], int]] = OrderedDict()
         self._published: OrderedDict[str, Payload] = OrderedDict()
         self._models_lock = threading.Lock()
-        self._traffic = {"up": 0, "down": 0}
-        self._traffic_lock = threading.Lock()
+        # Every message in and out of the service; each round record takes its window.
+        self.meter = TrafficMeter()
+        self._traffic_mark = self.meter.snapshot()
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.privacy = CoordinatorPrivacy(
@@ -167,7 +168,9 @@ class Coordinator:
                 ("grpc.max_send_message_length", 2 * self.chunk_bytes + (1 << 20)),
             ],
         )
-        add_coordinator_service(CoordinatorService(self, self.files.revocation_list()), server)
+        add_coordinator_service(
+            CoordinatorService(self, self.files.revocation_list()), server, self.meter
+        )
         port = int(server.add_secure_port(self.cfg.server.address, self.files.server_credentials()))
         if port == 0:
             raise ConfigError(
@@ -233,13 +236,23 @@ class Coordinator:
             self._trim_models()
         return model_id
 
-    def traffic(self, direction: str, nbytes: int) -> None:
-        with self._traffic_lock:
-            self._traffic[direction] += nbytes
-
     def traffic_bytes(self) -> dict[str, int]:
-        with self._traffic_lock:
-            return dict(self._traffic)
+        """Bytes in (``up``) and out (``down``) of the service so far, every method."""
+        now = self.meter.snapshot()
+        return {"up": now.up, "down": now.down}
+
+    def _round_traffic(self, rnd: int) -> dict[str, Any]:
+        """The meter's count since the previous round's record (retries included).
+
+        The windows tile the run: every message is counted in exactly one round. What a
+        site exchanges as a round ends (the reply to its last upload, its next poll) may
+        fall on either side of the boundary: tens of bytes a site.
+        """
+        now = self.meter.snapshot()
+        window, self._traffic_mark = now - self._traffic_mark, now
+        traffic = window.to_dict()
+        self.store.event("traffic", rnd=rnd, **traffic)
+        return traffic
 
     # --- validation of results ----------------------------------------------------------
 
@@ -349,6 +362,7 @@ class Coordinator:
         start = time.time()
         self.store.round_started(0, 1, sites)
         evaluation = self._evaluate(0)
+        traffic = self._round_traffic(0)
         self.store.round_finished(0, 1, "ok", eval_metrics=evaluation)
         record = RoundRecord(
             round=0,
@@ -356,6 +370,7 @@ class Coordinator:
             eval_accuracy=evaluation.get("eval_accuracy"),
             eval_examples=int(evaluation.get(NUM_EXAMPLES, 0)),
             seconds=time.time() - start,
+            traffic=traffic,
         )
         self.history.add(record)
         self.history.save(self.cfg.state_dir / "history.json")
@@ -527,6 +542,7 @@ class Coordinator:
             self.privacy.update_clip(bits)
         dp_summary = self._dp_summary(rnd, succeeded, failures)
         evaluation = self._evaluate(rnd)
+        traffic = self._round_traffic(rnd)
         state = self.strategy.state() if isinstance(self.strategy, FedAdam) else None
         self.store.save_checkpoint(rnd, self.names, self.weights, state)
         self.store.round_finished(
@@ -553,12 +569,14 @@ class Coordinator:
             failures=[f"{s}: {r}" for s, r in sorted(failures.items())],
             secure_aggregation=None if secure is None else secure.summary(),
             dp=dp_summary,
+            traffic=traffic,
         )
         self.history.add(record)
         self.history.save(self.cfg.state_dir / "history.json")
         acc = record.eval_accuracy
         log.info(
-            "round %d/%d done: %d/%d sites, train loss %s, eval accuracy %s, %.1f s",
+            "round %d/%d done: %d/%d sites, train loss %s, eval accuracy %s, %.1f s, "
+            "%.3g MB down / %.3g MB up",
             rnd,
             self.cfg.federation.rounds,
             record.sites_succeeded,
@@ -566,6 +584,8 @@ class Coordinator:
             f"{record.train_loss:.3f}" if record.train_loss is not None else "-",
             f"{100 * acc:.1f}%" if acc is not None else "-",
             record.seconds,
+            traffic["down_bytes"] / 1e6,
+            traffic["up_bytes"] / 1e6,
         )
 
     def _min_survivors(self, selected: int) -> int:
@@ -718,6 +738,7 @@ class Coordinator:
     def _history_from_store(self) -> History:
         history = History(task=self.cfg.federation.model, strategy=self.cfg.federation.strategy)
         history.meta["federation"] = self.cfg.federation.name
+        traffic = {e["round"]: e for e in self.store.events("traffic")}
         for row in self.store.rounds():
             if row.status != "ok":
                 continue
@@ -731,6 +752,7 @@ class Coordinator:
                     eval_loss=row.eval_metrics.get("eval_loss"),
                     eval_accuracy=row.eval_metrics.get("eval_accuracy"),
                     seconds=(row.finished or row.started) - row.started,
+                    traffic=_traffic_of(traffic.get(row.round)),
                 )
             )
         return history
@@ -756,6 +778,13 @@ class _Secure:
             "excluded": len(a.excluded),
             "error_bound": a.error_bound,
         }
+
+
+def _traffic_of(event: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A round's traffic as recorded in the store's ``traffic`` event."""
+    if event is None:
+        return None
+    return {k: event[k] for k in ("up_bytes", "down_bytes", "messages", "by_method") if k in event}
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

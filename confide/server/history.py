@@ -32,6 +32,9 @@ class RoundRecord:
     secure_aggregation: dict[str, Any] | None = None
     # DP rounds: ε spent so far per site that took part (PRV), refusals, client clip norm.
     dp: dict[str, Any] | None = None
+    # Bytes on the wire during the round, as the coordinator's gRPC meter counted them
+    # (messages + 5-byte prefixes): up_bytes, down_bytes, messages, by_method.
+    traffic: dict[str, Any] | None = None
 
 
 @dataclass

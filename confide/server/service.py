@@ -152,8 +152,7 @@ class CoordinatorService:
         if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_id!r} (round over)")
             return
-        chunks, size = found
-        self.c.traffic("down", size)
+        chunks, _ = found
         yield from chunks
 
     def UploadResult(
@@ -174,8 +173,6 @@ class CoordinatorService:
             self.c.store.event("rejected", site_id=ident.identity, reason=reason)
             self.c.store.site_result(ident.identity, False, reason)
             return pb.UploadReply(accepted=False, reason=reason, bytes_received=counted.wire_bytes)
-        finally:
-            self.c.traffic("up", counted.wire_bytes)
         self.c.store.site_result(ident.identity, True)
         log.info(
             "round %d: %s result from %s accepted (%.1f MB)",

@@ -24,12 +24,46 @@ from confide.privacy.secagg.federated import SecAggSettings
 
 
 class SimRunConfig(BaseModel):
-    """Everything `confide sim run` needs; every field has a default but the task."""
+    """Everything `confide sim run` needs; every field has a default but the task (or app)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: str = Field(json_schema_extra=fix(f"use one of: {', '.join(TASKS)}"))
+    task: str | None = Field(
+        None,
+        json_schema_extra=fix(
+            f"use one of: {', '.join(TASKS)} (or give app instead; an estimate may describe "
+            "its model in [cost.model] instead)"
+        ),
+    )
     model: str | None = Field(None, json_schema_extra=fix("see `confide sim tasks`"))
+    engine: Literal["inprocess", "ray"] = Field(
+        "inprocess",
+        json_schema_extra=fix(
+            "use inprocess (every site in this process) or ray (Flower's simulation engine; "
+            "pip install 'confide[ray]')"
+        ),
+    )
+    app: str | None = Field(
+        None,
+        json_schema_extra=fix(
+            "name a Flower ClientApp as module:attribute, e.g. logreg:app with --app-dir examples"
+        ),
+    )
+    app_dir: Path | None = Field(
+        None, json_schema_extra=fix("pass the folder that holds the app's module")
+    )
+    initial: str | None = Field(
+        None,
+        json_schema_extra=fix(
+            "name a callable returning a torch nn.Module or a list of NumPy arrays, as "
+            "module:attribute"
+        ),
+    )
+    ray_cpus: int | None = Field(
+        None,
+        ge=1,
+        json_schema_extra=fix("use a whole number of CPUs >= 1 (default: all of this machine's)"),
+    )
     sites: int = Field(10, ge=1, json_schema_extra=fix("use a whole number of sites >= 1"))
     rounds: int = Field(20, ge=1, json_schema_extra=fix("use a whole number of rounds >= 1"))
     partition: str = Field(
@@ -104,8 +138,8 @@ class SimRunConfig(BaseModel):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, v: str) -> str:
-        if v not in TASKS:
+    def _known_task(cls, v: str | None) -> str | None:
+        if v is not None and v not in TASKS:
             raise ValueError(f"unknown task {v!r}")
         return v
 
@@ -117,6 +151,11 @@ class SimRunConfig(BaseModel):
             raise ValueError(
                 f"{v!r} is not a model of task {task} (use one of: {', '.join(TASKS[task].models)})"
             )
+        if v is not None and task is None:
+            from confide.client.models import MODELS  # torch: only when a model is named
+
+            if v not in MODELS:
+                raise ValueError(f"unknown model {v!r} (use one of: {', '.join(MODELS)})")
         return v
 
     @field_validator("partition")
@@ -154,7 +193,31 @@ class SimRunConfig(BaseModel):
                 "set sites and min_sites to 3 or more, or secure_aggregation = none",
             )
 
-    @field_validator("data_dir")
+    def check_app(self) -> None:
+        """A run needs sites to drive (a task or an app) and a first global model."""
+        if self.task is None and self.app is None:
+            raise ConfigError(
+                "task",
+                "missing",
+                "pass --task NAME (see `confide sim tasks`) or --app module:attr, your own "
+                "Flower ClientApp",
+            )
+        if self.model is not None and self.initial is not None:
+            raise ConfigError(
+                "initial", "both model and initial are given", "give one of --model, --initial"
+            )
+        if self.task is None and self.model is None and self.initial is None:
+            from confide.client.models import MODELS
+
+            raise ConfigError(
+                "initial",
+                "an app without a built-in task needs the initial global model",
+                "pass --model NAME (a built-in model: "
+                f"{', '.join(MODELS)}) or --initial module:attr (a callable returning a torch "
+                "nn.Module or a list of NumPy arrays)",
+            )
+
+    @field_validator("data_dir", "app_dir")
     @classmethod
     def _existing_dir(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_dir():
@@ -165,30 +228,40 @@ class SimRunConfig(BaseModel):
 
     @property
     def task_spec(self) -> Task:
+        if self.task is None:
+            raise ConfigError("task", "this run has no built-in task", "pass --task NAME")
         return get_task(self.task)
 
     @property
     def model_name(self) -> str:
-        return self.model or self.task_spec.model
+        """The built-in model of the run ("" when an app brings its own via ``initial``)."""
+        if self.model is not None:
+            return self.model
+        return self.task_spec.model if self.task is not None and self.initial is None else ""
+
+    @property
+    def label(self) -> str:
+        """What runs: the task's name, or the app's ``module:attribute``."""
+        return self.task or self.app or "?"
 
     def data_settings(self) -> DataSettings:
-        return self.task_spec.settings(
-            DataSettings(
-                data_dir=str(self.data_dir) if self.data_dir else None,
-                partition=self.partition,
-                num_sites=self.sites,
-                seed=self.seed,
-                max_samples_per_site=self.max_samples_per_site,
-                eval_fraction=self.eval_fraction,
-                max_test_samples=self.max_test_samples,
-            )
+        settings = DataSettings(
+            data_dir=str(self.data_dir) if self.data_dir else None,
+            partition=self.partition,
+            num_sites=self.sites,
+            seed=self.seed,
+            max_samples_per_site=self.max_samples_per_site,
+            eval_fraction=self.eval_fraction,
+            max_test_samples=self.max_test_samples,
         )
+        return self.task_spec.settings(settings) if self.task is not None else settings
 
     def out_dir(self) -> Path:
         if self.out is not None:
             return self.out
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{self.task}-{stamp}"
+        name = self.task or (self.app or "app").split(":", 1)[0].rsplit(".", 1)[-1]
+        return Path("runs") / f"{name}-{stamp}"
 
     @classmethod
     def build(cls, values: dict[str, Any], *, config_file: Path | None = None) -> SimRunConfig:
@@ -203,6 +276,7 @@ class SimRunConfig(BaseModel):
             cfg = cls(**merged)
         except ValidationError as e:
             raise first_error(e, cls, flag_fields=flags) from None
+        cfg.check_app()
         cfg.check_secure_aggregation()
         return cfg
 

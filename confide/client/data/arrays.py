@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch.utils.data import TensorDataset
 
 from confide.errors import DataFormatError
 
-_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64)}
+if TYPE_CHECKING:  # torch is imported when a data set is first turned into tensors:
+    # loading, partitioning and pricing (confide sim estimate) never need it.
+    import torch
+    from torch.utils.data import TensorDataset
 
 
-def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(a: np.ndarray, floating: bool) -> torch.Tensor:
+    import torch
+
+    dtype, np_dtype = (torch.float32, np.float32) if floating else (torch.int64, np.int64)
     # Zero-copy when possible. Loader caches hand out read-only arrays, which
     # torch would alias as writable, so those (and only those) are copied.
-    if a.flags.writeable and a.dtype == _NUMPY_OF[dtype]:
+    if a.flags.writeable and a.dtype == np.dtype(np_dtype):
         return torch.from_numpy(a)
     return torch.tensor(a, dtype=dtype)
 
@@ -53,5 +58,7 @@ class ArrayDataset:
 
     def to_torch(self) -> TensorDataset:
         """A ``TensorDataset``: x as float32 (or int64 for token ids), y as int64."""
-        x_dtype = torch.int64 if np.issubdtype(self.x.dtype, np.integer) else torch.float32
-        return TensorDataset(_tensor(self.x, x_dtype), _tensor(self.y, torch.int64))
+        from torch.utils.data import TensorDataset
+
+        floating_x = not np.issubdtype(self.x.dtype, np.integer)
+        return TensorDataset(_tensor(self.x, floating_x), _tensor(self.y, False))

@@ -332,12 +332,17 @@ def reply_from_record(record: Mapping[str, Any]) -> UnmaskReply:
 
 
 def secure_mean(
-    cfg: SecAggConfig, updates: Mapping[int, tuple[npt.NDArray[np.float64], int]]
+    cfg: SecAggConfig,
+    updates: Mapping[int, tuple[npt.NDArray[np.float64], int]],
+    *,
+    rounding_seed: Sequence[int] | None = None,
 ) -> Aggregate:
     """Run the whole protocol in memory over ``{site id: (update, examples)}``.
 
-    The in-process engine uses this: every message goes through the same client and
-    server code (and the same record encodings) as over the network.
+    The simulation engines use this: every message goes through the same client and
+    server code (and the same record encodings) as over the network. ``rounding_seed``
+    (simulations only) seeds each site's stochastic rounding so a run repeats exactly;
+    a real site draws it from the operating system's entropy.
     """
     clients = {i: SecAggClient(cfg, i) for i in sorted(updates)}
     server = SecAggServer(cfg)
@@ -348,7 +353,8 @@ def secure_mean(
         server.add_shared(shared_from_record(to_record(sent)))
     for site, boxes in server.share_boxes().items():
         update, n = updates[site]
-        msg = clients[site].masked_input(boxes_from_record(boxes_record(boxes)), update, n)
+        rng = None if rounding_seed is None else np.random.default_rng([*rounding_seed, site])
+        msg = clients[site].masked_input(boxes_from_record(boxes_record(boxes)), update, n, rng=rng)
         server.add_masked(masked_from_record(to_record(msg), msg.vector))
     replies = [
         reply_from_record(to_record(clients[site].unmask(request_from_record(to_record(req)))))
