@@ -67,6 +67,12 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[in
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def bullets(items: Iterable[Any], cls: str = "") -> str:
+    """An HTML list of ``items`` (escaped), each with class ``cls`` if given."""
+    attr = f" class='{esc(cls)}'" if cls else ""
+    return "<ul>" + "".join(f"<li{attr}>{esc(i)}</li>" for i in items) + "</ul>"
+
+
 def okmark(ok: bool, yes: str = "OK", no: str = "FAIL") -> str:
     return f'<span class="ok">{esc(yes)}</span>' if ok else f'<span class="bad">{esc(no)}</span>'
 
@@ -115,6 +121,7 @@ def write_html_json(
 __all__ = [
     "CSS",
     "ReportError",
+    "bullets",
     "esc",
     "num",
     "okmark",

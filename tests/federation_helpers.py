@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
 from confide.client.agent import SiteAgent, validate_site_config
 from confide.demo import free_port
 from confide.privacy.crypto import init_ca, issue, load_kit
@@ -196,3 +200,29 @@ def running_coordinator(fed: Federation) -> Iterator[tuple[Coordinator, list[int
         coordinator.stop_event.set()
         loop.join(timeout=30)
         coordinator.shutdown()
+
+
+OFFSET = 0.01  # site p adds (p + 1) * OFFSET to every floating parameter
+
+
+def offset_app() -> ClientApp:
+    """A deterministic 'training': site p returns global + (p+1)*OFFSET, 100*(p+1) examples."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
+        out = [
+            (a + np.float32((pid + 1) * OFFSET)).astype(a.dtype) if a.dtype.kind == "f" else a
+            for a in arrays
+        ]
+        metrics = MetricRecord({"num-examples": 100 * (pid + 1), "train_loss": 1.0 + pid})
+        return Message(RecordDict({"arrays": ArrayRecord(out), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        metrics = MetricRecord({"num-examples": 10, "eval_loss": 0.5, "eval_accuracy": 0.5})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app

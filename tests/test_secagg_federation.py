@@ -9,37 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from federation_helpers import make_federation, running_coordinator
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from federation_helpers import OFFSET, make_federation, offset_app, running_coordinator
 
 from confide.errors import ConfigError
 from confide.server.config import FederationConfig
-
-OFFSET = 0.01  # site p adds (p + 1) * OFFSET to every floating parameter
-
-
-def offset_app() -> ClientApp:
-    """A deterministic 'training': site p returns global + (p+1)*OFFSET, 100*(p+1) examples."""
-    app = ClientApp()
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        arrays = next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
-        out = [
-            (a + np.float32((pid + 1) * OFFSET)).astype(a.dtype) if a.dtype.kind == "f" else a
-            for a in arrays
-        ]
-        metrics = MetricRecord({"num-examples": 100 * (pid + 1), "train_loss": 1.0 + pid})
-        return Message(RecordDict({"arrays": ArrayRecord(out), "metrics": metrics}), reply_to=msg)
-
-    @app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        metrics = MetricRecord({"num-examples": 10, "eval_loss": 0.5, "eval_accuracy": 0.5})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
 
 
 def _wait(cond: Any, timeout: float, what: str) -> None:

@@ -12,9 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from federation_helpers import make_federation, running_coordinator
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from federation_helpers import make_federation, offset_app, running_coordinator
 
 from confide import wire
 from confide.cli import main
@@ -252,26 +250,6 @@ TRAIN: dict[str, wire.ScalarValue] = {"lr": 0.1, "local-epochs": 1, "batch-size"
 POLL = 30.0  # long polls never time out here: no WAIT replies in the rounds
 
 
-def _offset_app() -> ClientApp:
-    """Deterministic 'training' (global + (p+1)/100); metrics of fixed shape."""
-    app = ClientApp()
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        arrays = next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
-        out = [(a + np.float32((pid + 1) / 100)).astype(a.dtype) for a in arrays]
-        metrics = MetricRecord({"num-examples": 100 * (pid + 1), "train_loss": 1.0 + pid})
-        return Message(RecordDict({"arrays": ArrayRecord(out), "metrics": metrics}), reply_to=msg)
-
-    @app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        metrics = MetricRecord({"num-examples": 10, "eval_loss": 0.5, "eval_accuracy": 0.5})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
-
-
 def _federation(tmp_path: Path, secure: bool) -> dict[str, Any]:
     names = ("site-1", "site-2", "site-3")
     fed = make_federation(tmp_path, sites=names, rounds=2, min_sites=3, deadline=60, expected=3)
@@ -291,7 +269,7 @@ def _federation(tmp_path: Path, secure: bool) -> dict[str, Any]:
         for i, name in enumerate(names):
             doc = fed.site_doc(i, 3)
             doc["agent"] = {"poll_seconds": POLL, "max_backoff_seconds": 1}
-            agent = SiteAgent(load_kit(fed.kit(name)), validate_site_config(doc), app=_offset_app())
+            agent = SiteAgent(load_kit(fed.kit(name)), validate_site_config(doc), app=offset_app())
             fed.start_agent(agent)
         end = time.monotonic() + 180
         while not codes and time.monotonic() < end:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.errors import DataNotFoundError
-from confide.htmlpage import ReportError, page_head, png_img, write_html_json
+from confide.htmlpage import ReportError, bullets, page_head, png_img, write_html_json
 from confide.htmlpage import esc as _e
 from confide.htmlpage import num as _num
 from confide.htmlpage import okmark as _okmark
@@ -1010,13 +1010,9 @@ def render_html(report: Mapping[str, Any]) -> str:
     add(f"<li>audit chains verify: {_okmark(v['audit_chains_verify'], 'yes', 'no')}</li>")
     add("</ul>")
     if v["failures"]:
-        add("<p><strong>Failures</strong></p><ul>")
-        add("".join(f"<li class='bad'>{_e(f)}</li>" for f in v["failures"]))
-        add("</ul>")
+        add("<p><strong>Failures</strong></p>" + bullets(v["failures"], "bad"))
     if v["warnings"]:
-        add("<p><strong>Warnings</strong></p><ul>")
-        add("".join(f"<li class='warn'>{_e(w)}</li>" for w in v["warnings"]))
-        add("</ul>")
+        add("<p><strong>Warnings</strong></p>" + bullets(v["warnings"], "warn"))
     add("</div>")
 
     add("<h2>Privacy budget per site</h2>")

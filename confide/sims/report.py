@@ -27,7 +27,7 @@ matplotlib.use("Agg")  # headless: sites and CI machines have no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from confide.htmlpage import esc, num, page_head, png_img, table, write_html_json
+from confide.htmlpage import bullets, esc, num, page_head, png_img, table, write_html_json
 from confide.server.history import History
 
 REPORT_FORMAT = "confide-run-report/1"
@@ -272,9 +272,7 @@ def _estimate_html(est: Mapping[str, Any], add: Callable[[str], None]) -> None:
             )
         )  # fmt: skip
     if est["assumptions"]:
-        add("<h3>Assumptions</h3><ul>")
-        add("".join(f"<li>{esc(a)}</li>" for a in est["assumptions"]))
-        add("</ul>")
+        add("<h3>Assumptions</h3>" + bullets(est["assumptions"]))
     if est["sources"]:
         add("<details><summary>Sources of the catalog numbers used</summary>")
         add(
