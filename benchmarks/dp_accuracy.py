@@ -47,6 +47,7 @@ def run(label: str, target: float | None, args: argparse.Namespace, out: Path) -
         "lr": args.lr if target is not None else args.plain_lr,
         "momentum": args.momentum,
         "lr_decay": args.lr_decay if target is not None else 1.0,
+        "server_ema": args.server_ema if target is not None else None,
         "seed": args.seed,
         "eval_fraction": 0.02,
         "fraction_evaluate": 0.01,  # one site; the figure is the central test accuracy
@@ -107,6 +108,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.8, help="DP-SGD learning rate (round 1)")
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--lr-decay", type=float, default=0.93, help="DP lr factor per round")
+    p.add_argument(
+        "--server-ema",
+        type=float,
+        default=None,
+        help="DP runs: evaluate a moving average of the global models (decay, e.g. 0.9)",
+    )
     p.add_argument("--plain-lr", type=float, default=0.05)
     p.add_argument("--plain-batch", type=int, default=32)
     p.add_argument("--model", default="cnn-small")
@@ -131,7 +138,9 @@ def main() -> None:
 
     print_table(
         f"MNIST, {args.sites} sites, example-level DP-SGD (q={args.sample_rate}, "
-        f"{args.epochs} epoch(s)/round, C={args.clip}, lr {args.lr} x {args.lr_decay}^r), "
+        f"{args.epochs} epoch(s)/round, C={args.clip}, lr {args.lr} x {args.lr_decay}^r"
+        + (f", server EMA {args.server_ema}" if args.server_ema is not None else "")
+        + "), "
         f"{args.rounds} rounds, δ={DELTA:g}, "
         f"model {args.model}",
         ["run", "σ", "ε (PRV)", "ε (PLD)", "ε (RDP)", "test acc", "best acc", "minutes"],

@@ -66,7 +66,7 @@ import grpc
 import numpy as np
 
 from confide import wire
-from confide.privacy.crypto import init_ca, issue, load_kit
+from confide.privacy.crypto import UpdateSigner, init_ca, issue, load_kit
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.rpc import CoordinatorClient
@@ -301,10 +301,11 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
             timeout=15,
         ).session_id
         model_id = ""
+        rnd = 0
         for _ in range(30):  # bounded: the loop publishes the round-1 task within seconds
             task = stub.PullTask(pb.PullTaskRequest(session_id=session, wait_seconds=2), timeout=15)
             if task.kind == pb.Task.TRAIN:
-                model_id = task.model_id
+                model_id, rnd = task.model_id, task.round
                 break
         if not model_id:
             raise RuntimeError("the coordinator published no TRAIN task")
@@ -345,14 +346,23 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
         raw_ping = rch.unary_unary(f"/{RAW_SERVICE}/Ping")
 
         def upload(chunk: int, expected: int, check: bool) -> float:
-            """One UploadResult of a ``wire.frames`` stream, as the agent sends it; the
-            coordinator must have read all of it (``bytes_received``), and on the warm-up
-            (``check``) exactly the bytes sent on this very stream."""
+            """One UploadResult of a signed ``wire.frames`` stream, as the agent sends it
+            (signed with the kit's key, a fresh nonce each); the coordinator must have read
+            all of it (``bytes_received``), and on the warm-up (``check``) exactly the bytes
+            sent on this very stream. A DER signature is 70-72 bytes: ``expected`` is exact
+            to those few bytes."""
             sent = 0
+            signer = UpdateSigner(
+                kit,
+                federation=kit.federation,
+                round=rnd,
+                task_id=upload_payload.task_id,
+                site=kit.identity,
+            )
 
             def counted() -> Iterator[bytes]:
                 nonlocal sent
-                for c in wire.frames(upload_payload, chunk):
+                for c in wire.frames(upload_payload, chunk, signer=signer):
                     sent += len(c)
                     yield c
 
@@ -361,7 +371,7 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             if reply.accepted or "unknown task" not in reply.reason:
                 raise RuntimeError(f"unexpected upload reply: {reply}")
-            if reply.bytes_received != expected or (check and sent != expected):
+            if abs(reply.bytes_received - expected) > 2 or (check and sent != reply.bytes_received):
                 raise RuntimeError(
                     f"sent {expected} bytes, coordinator read {reply.bytes_received}"
                 )
@@ -386,8 +396,16 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
         rows = []
         for mb in chunks_mb:
             chunk = mb * MiB
-            # What the coordinator should report reading: the same deterministic stream.
-            expected = sum(len(c) for c in wire.frames(upload_payload, chunk))
+            # What the coordinator should report reading: the same stream (to the signature's
+            # length, 70-72 bytes).
+            signer = UpdateSigner(
+                kit,
+                federation=kit.federation,
+                round=rnd,
+                task_id=upload_payload.task_id,
+                site=kit.identity,
+            )
+            expected = sum(len(c) for c in wire.frames(upload_payload, chunk, signer=signer))
             pieces = [raw_data[i : i + chunk] for i in range(0, len(raw_data), chunk)]
             times: dict[str, list[float]] = {k: [] for k in ("cd", "rd", "cu", "ru")}
             for rep in range(repeats + 1):  # the first is the warm-up; Confide and raw alternate

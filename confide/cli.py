@@ -37,6 +37,11 @@ def _sim_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", metavar="S", help="cap on local steps per round")
     p.add_argument("--strategy", help="fedavg | fedadam (fedavg)")
     p.add_argument("--server-lr", metavar="LR", help="server learning rate")
+    p.add_argument(
+        "--server-ema",
+        metavar="DECAY",
+        help="evaluate and export a moving average of the global models, e.g. 0.9",
+    )
     p.add_argument("--seed", metavar="S", help="seed of everything (0)")
     p.add_argument("--data-dir", metavar="DIR", help="data folder (default ../shared/data)")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/TASK-TIME)")

@@ -22,6 +22,17 @@ def fix(text: str) -> Any:
     return {"fix": text}
 
 
+def no_nul(value: Any) -> Any:
+    """A reusable ``field_validator("*")``: no text or path setting may hold a NUL byte.
+
+    No file can be named with one; refused here it is one :class:`ConfigError` naming the
+    key, instead of a ``ValueError`` traceback the first time the path is opened.
+    """
+    if isinstance(value, str | Path) and "\x00" in str(value):
+        raise ValueError("holds a NUL byte (\\x00), which no file name or setting may")
+    return value
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; a missing or malformed file is a :class:`ConfigError`."""
     if not path.is_file():

@@ -10,18 +10,26 @@ same ``confide.v1.Chunk`` messages, so a peer using the generated stubs interope
 (tests do exactly that). Every other method uses the generated message classes.
 An optional :class:`TrafficMeter` counts every message in and out of the service, per
 method and direction, at the same serializers.
+
+A request that is not a valid protobuf message of its method's type is answered with
+``INVALID_ARGUMENT`` naming the type, before the servicer runs (gRPC's own answer would be
+``INTERNAL`` and a logged traceback, which reads as a coordinator bug).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from confide.protos.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger("confide.coordinator")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 # gRPC puts each message behind a 1-byte compressed flag and a 4-byte length.
@@ -213,6 +221,45 @@ class TrafficMeter:
         return counted
 
 
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What a request deserializer returns for bytes that are not a message of its type."""
+
+    type_name: str
+    error: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"the request is not a valid {self.type_name} message ({self.error}). Fix: send "
+            "the message protos/confide/v1/coordinator.proto declares for this method"
+        )
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    type_name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return MalformedRequest(type_name, str(e) or "malformed protobuf")
+
+    return parse
+
+
+def _refuse_malformed(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+    """``behaviour``, but a :class:`MalformedRequest` is answered INVALID_ARGUMENT."""
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            log.warning("refused call from %s: %s", context.peer(), request.message)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return behaviour(request, context)
+
+    return call
+
+
 def add_coordinator_service(
     servicer: CoordinatorServicer, server: grpc.Server, meter: TrafficMeter | None = None
 ) -> None:
@@ -224,12 +271,15 @@ def add_coordinator_service(
     for name, (req, resp) in _METHODS.items():
         kind = _STREAMING.get(name, "unary_unary")
         make = getattr(grpc, f"{kind}_rpc_method_handler")
-        parse = None if req is None else req.FromString
+        parse = None if req is None else _parser(req)
         serialize = None if resp is None else resp.SerializeToString
+        behaviour = getattr(servicer, name)
+        if req is not None:
+            behaviour = _refuse_malformed(behaviour)
         if meter is not None:
             parse, serialize = meter.deserializer(name, parse), meter.serializer(name, serialize)
         handlers[name] = make(
-            getattr(servicer, name),
+            behaviour,
             request_deserializer=parse,
             response_serializer=serialize,
         )

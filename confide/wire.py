@@ -2,20 +2,22 @@
 
 A stream is a ``Manifest`` (array names, dtypes, shapes; metric and config records),
 then the arrays' raw little-endian bytes cut into chunks of a configurable size, then
-the SHA-256 of those bytes. The decoder trusts nothing: it checks the order of parts,
-the dtypes against an allow-list, every size against the manifest and a ceiling, and
-the digest, and raises :class:`WireError` naming what was wrong, so a malformed upload
-is rejected and the round carries on.
+the SHA-256 of those bytes; an upload then ends with the site's signature of its update
+statement (:class:`Signer`, :mod:`confide.privacy.crypto.signing`). The decoder trusts
+nothing: it checks the order of parts, the dtypes against an allow-list, every size
+against the manifest and a ceiling, and the digest, and raises :class:`WireError` naming
+what was wrong, so a malformed upload is rejected and the round carries on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,8 +31,12 @@ DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 NUM_EXAMPLES = "num-examples"
 # Dtypes a model or an update may use; object and string arrays never cross the wire.
 ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "<u4", "<i4", "<i8", "|u1", "|i1", "|b1"})
+# Dimensions an array may have (NumPy's own ceiling is 32 in 1.x, 64 in 2.x).
+MAX_NDIM = 32
 
 ScalarValue = int | float | bool | str | bytes
+# A signature frame is a DER ECDSA signature (about 72 bytes); anything far longer is junk.
+MAX_SIGNATURE_BYTES = 512
 
 
 class WireError(ConfideError, ValueError):
@@ -46,6 +52,11 @@ class Payload:
     arrays: list[npt.NDArray[Any]]
     metrics: dict[str, ScalarValue] = field(default_factory=dict)
     config: dict[str, ScalarValue] = field(default_factory=dict)
+    # Set by decode(): SHA-256 of the manifest (deterministic serialization, see
+    # manifest_digest) and of the data bytes, and the signature (empty if none came).
+    manifest_sha256: bytes = b""
+    data_sha256: bytes = b""
+    signature: bytes = b""
 
     @property
     def nbytes(self) -> int:
@@ -159,14 +170,39 @@ class _Sha256:
         return self._hash.digest()
 
 
-def frames(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+def manifest_digest(manifest: pb.Manifest) -> bytes:
+    """SHA-256 of a manifest in protobuf's deterministic serialization (fields in number
+    order, map entries sorted by key): what an upload's signature covers. Not the bytes as
+    sent: a peer on generated stubs may re-serialize a parsed message with its maps in
+    another order, which must not break the signature."""
+    return hashlib.sha256(manifest.SerializeToString(deterministic=True)).digest()
+
+
+class Signer(Protocol):
+    """Signs an upload (:class:`confide.privacy.crypto.UpdateSigner` is one)."""
+
+    @property
+    def record(self) -> Mapping[str, ScalarValue]:
+        """Entries added to the manifest's config record (the claimed statement)."""
+        ...
+
+    def __call__(self, manifest_sha256: bytes, data_sha256: bytes) -> bytes:
+        """The signature that ends the stream, over the manifest's and data's digests."""
+        ...
+
+
+def frames(
+    payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, signer: Signer | None = None
+) -> Iterator[bytes]:
     """Yield the serialized ``confide.v1.Chunk`` messages of ``payload``.
 
     This is what goes on the wire, built without protobuf objects: a data frame is the
     field tag, the length and a slice of the array's buffer, so each byte is copied once
     (into the frame). Large streams are hashed by a helper thread while gRPC sends them,
     which takes the digest off the critical path. :func:`encode` gives the same stream
-    as ``Chunk`` messages.
+    as ``Chunk`` messages. With a ``signer`` (every upload of a site), its record joins
+    the manifest's config and its signature follows the digest as the last frame: one
+    ECDSA signature after the data, so signing adds no pass over the bytes.
     """
     if chunk_bytes <= 0:
         raise WireError(f"chunk size must be positive (got {chunk_bytes})")
@@ -187,9 +223,12 @@ def frames(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
         task_id=payload.task_id,
         arrays=headers,
         metrics=encode_records(payload.metrics),
-        config=encode_records(payload.config),
+        config=encode_records(
+            payload.config if signer is None else {**payload.config, **signer.record}
+        ),
         total_bytes=sum(a.nbytes for a in arrays),
     )
+    head_digest = manifest_digest(manifest) if signer is not None else b""
     yield pb.Chunk(manifest=manifest).SerializeToString()
     digest = _Sha256(background=manifest.total_bytes >= BACKGROUND_HASH_BYTES)
 
@@ -217,14 +256,19 @@ def frames(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator
                     pending.clear()
         if pending:
             yield framed(pending)
-        yield pb.Chunk(sha256=digest.digest()).SerializeToString()
+        data_digest = digest.digest()
+        yield pb.Chunk(sha256=data_digest).SerializeToString()
+        if signer is not None:
+            yield pb.Chunk(signature=signer(head_digest, data_digest)).SerializeToString()
     finally:
         digest.close()  # also when the stream is abandoned half-way
 
 
-def encode(payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
-    """:func:`frames` as ``Chunk`` messages: manifest, data chunks, digest."""
-    for f in frames(payload, chunk_bytes):
+def encode(
+    payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, signer: Signer | None = None
+) -> Iterator[pb.Chunk]:
+    """:func:`frames` as ``Chunk`` messages: manifest, data chunks, digest (, signature)."""
+    for f in frames(payload, chunk_bytes, signer=signer):
         yield pb.Chunk.FromString(f)
 
 
@@ -273,14 +317,18 @@ def _read_data(
     buffer: npt.NDArray[np.uint8],
     hasher: _Sha256,
     stats: StreamStats,
-) -> bytes:
-    """Fill ``buffer`` from the data parts of a stream; return the digest the stream ends with."""
+) -> tuple[bytes, bytes]:
+    """Fill ``buffer`` from the data parts of a stream; return the digest it ends with and
+    its signature (empty if the stream carried none)."""
     total = len(buffer)
     received = 0
     digest: bytes | None = None
+    signature: bytes | None = None
     for item in it:
         message, data, size = _parse(item)
         stats.wire_bytes += size
+        if signature is not None:
+            raise WireError("a frame after the signature; the signature is a stream's last frame")
         if message is None:
             if digest is not None:
                 raise WireError("data after the digest")
@@ -296,13 +344,22 @@ def _read_data(
             if digest is not None:
                 raise WireError("two digests in one stream")
             digest = message.sha256
+        elif part == "signature":
+            if digest is None:
+                raise WireError("a signature before the digest; it follows the digest")
+            if not 0 < len(message.signature) <= MAX_SIGNATURE_BYTES:
+                raise WireError(
+                    f"a signature of {len(message.signature)} bytes "
+                    f"(1..{MAX_SIGNATURE_BYTES} allowed)"
+                )
+            signature = message.signature
         else:
             raise WireError(f"unexpected {part or 'empty'} part inside a stream")
     if received != total:
         raise WireError(f"stream ended after {received} of {total} bytes")
     if digest is None:
         raise WireError("stream ended without its SHA-256 digest")
-    return digest
+    return digest, signature or b""
 
 
 def decode(
@@ -326,6 +383,7 @@ def decode(
         raise WireError("a stream must start with a manifest")
     stats.wire_bytes += first[2]
     manifest = first[0].manifest
+    head_digest = manifest_digest(manifest)
     if manifest.total_bytes > max_bytes:
         raise WireError(
             f"the stream announces {manifest.total_bytes} bytes, above the limit of {max_bytes}"
@@ -334,9 +392,19 @@ def decode(
     for h in headers:
         if h.dtype not in ALLOWED_DTYPES:
             raise WireError(f"array {h.name!r} has dtype {h.dtype!r}, which is not allowed")
+        if len(h.shape) > MAX_NDIM:
+            raise WireError(f"array {h.name!r} has {len(h.shape)} dimensions, above {MAX_NDIM}")
         if any(d < 0 for d in h.shape):
             raise WireError(f"array {h.name!r} has a negative dimension {list(h.shape)}")
-        expected = int(np.prod(h.shape, dtype=np.int64)) * np.dtype(h.dtype).itemsize
+        itemsize = np.dtype(h.dtype).itemsize
+        # Exact (Python int) products: int64 arithmetic would wrap a hostile shape such as
+        # [2**62, 4] to 0 bytes or to a negative size, and NumPy refuses even an empty array
+        # whose other dimensions overflow its index type.
+        if math.prod(d for d in h.shape if d) * itemsize > max_bytes:
+            raise WireError(
+                f"array {h.name!r} of shape {list(h.shape)} is above the limit of {max_bytes} bytes"
+            )
+        expected = math.prod(h.shape) * itemsize
         if expected != h.nbytes:
             raise WireError(f"array {h.name!r}: {h.nbytes} bytes do not fit shape {list(h.shape)}")
     if sum(h.nbytes for h in headers) != manifest.total_bytes:
@@ -352,7 +420,7 @@ def decode(
     buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
     hasher = _Sha256(background=manifest.total_bytes >= BACKGROUND_HASH_BYTES)
     try:
-        digest = _read_data(it, buffer, hasher, stats)
+        digest, signature = _read_data(it, buffer, hasher, stats)
         if hasher.digest() != digest:
             raise WireError("SHA-256 mismatch: the data was corrupted in transit")
     finally:
@@ -363,7 +431,7 @@ def decode(
         a = np.frombuffer(
             buffer.data,
             dtype=np.dtype(h.dtype),
-            count=int(np.prod(h.shape, dtype=np.int64)),
+            count=math.prod(h.shape),
             offset=offset,
         )
         arrays.append(a.reshape(tuple(h.shape)))
@@ -374,4 +442,7 @@ def decode(
         arrays=arrays,
         metrics=decode_records(manifest.metrics),
         config=decode_records(manifest.config),
+        manifest_sha256=head_digest,
+        data_sha256=digest,
+        signature=signature,
     )

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -226,3 +227,13 @@ def offset_app() -> ClientApp:
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> None:
+    """Poll ``cond()`` every 0.2 s; fail the test naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

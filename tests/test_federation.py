@@ -9,13 +9,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from federation_helpers import make_federation, running_coordinator
+from federation_helpers import make_federation, running_coordinator, wait_for
 
 from confide.client.agent import CoordinatorUnreachable, SiteAgent, SiteRefused, load_app
 from confide.privacy.crypto import init_ca, issue, load_kit, revoke
@@ -26,15 +25,6 @@ from confide.server.coordinator import Coordinator
 from confide.server.store import Store
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(cond: object, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _join(address: str, creds: grpc.ChannelCredentials) -> pb.JoinReply:
@@ -48,7 +38,7 @@ def test_two_sites_two_rounds_accuracy_rises(tmp_path: Path) -> None:
     with running_coordinator(fed) as (_coordinator, codes):
         for i, name in enumerate(("site-1", "site-2")):
             fed.start_agent(fed.agent(name, i, 2))
-        _wait(lambda: codes, 240, "the federation to finish")
+        wait_for(lambda: codes, 240, "the federation to finish")
         for t in fed.threads:
             t.join(timeout=20)
     assert codes == [0], fed.errors
@@ -167,7 +157,7 @@ def test_a_site_killed_mid_round(tmp_path: Path, min_sites: int) -> None:
             _wait_for_line(victim, "train task", 120)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
-            _wait(lambda: codes, 120, "the round to end")
+            wait_for(lambda: codes, 120, "the round to end")
     finally:
         if victim.poll() is None:
             victim.kill()
@@ -202,7 +192,7 @@ def test_coordinator_killed_between_rounds_resumes_with_identical_parameters(
         agents = [fed.agent(n, i, 2) for i, n in enumerate(("site-1", "site-2"))]
         for a in agents:
             fed.start_agent(a, max_attempts=200)
-        _wait(lambda: 1 in _checkpoint_rounds(db), 180, "round 1's checkpoint")
+        wait_for(lambda: 1 in _checkpoint_rounds(db), 180, "round 1's checkpoint")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         killed_at = max(_checkpoint_rounds(db))
@@ -292,7 +282,7 @@ def test_a_numpy_client_app_trains_through_the_coordinator_unchanged(tmp_path: P
             agent = fed.agent(name, i, 2, app=mnist_cnn_numpy)
             assert agent.dialect.legacy
             fed.start_agent(agent)
-        _wait(lambda: codes, 240, "the federation to finish")
+        wait_for(lambda: codes, 240, "the federation to finish")
         for t in fed.threads:
             t.join(timeout=20)
     assert codes == [0] and not fed.errors
@@ -316,7 +306,7 @@ def test_a_flower_only_clientapp_trains_through_the_coordinator(tmp_path: Path) 
             for i, name in enumerate(("site-1", "site-2")):
                 agent: SiteAgent = fed.agent(name, i, 2, app=app)
                 fed.start_agent(agent)
-            _wait(lambda: codes, 120, "the federation to finish")
+            wait_for(lambda: codes, 120, "the federation to finish")
     finally:
         sys.path.remove(str(app_dir))
     assert codes == [0] and not fed.errors
@@ -361,11 +351,19 @@ def test_a_client_on_the_generated_stubs_interoperates_with_the_raw_frame_servic
 ) -> None:
     """The coordinator sends and reads model streams as raw frames (confide.rpc); a peer
     using only the generated protobuf stubs must see ordinary confide.v1.Chunk messages."""
+    from confide.privacy.crypto import UpdateSigner
     from confide.wire import Payload, decode, encode
 
     fed = make_federation(tmp_path, rounds=1, min_sites=1)
+    kit = load_kit(fed.kit("site-1"))
+
+    def signer(task: pb.Task) -> UpdateSigner:  # every upload is signed (protocol 3)
+        return UpdateSigner(
+            kit, federation=kit.federation, round=task.round, task_id=task.task_id, site="site-1"
+        )
+
     with running_coordinator(fed) as (coordinator, _codes):
-        creds = load_kit(fed.kit("site-1")).channel_credentials()
+        creds = kit.channel_credentials()
         with grpc.secure_channel(fed.address, creds) as ch:
             stub = pb_grpc.CoordinatorStub(ch)  # type: ignore[no-untyped-call]
             session = stub.Join(
@@ -376,7 +374,8 @@ def test_a_client_on_the_generated_stubs_interoperates_with_the_raw_frame_servic
                 task = stub.PullTask(pb.PullTaskRequest(session_id=session), timeout=10)
                 if task.kind == pb.Task.EVALUATE:  # the round-0 baseline: metrics only
                     result = Payload(task.task_id, [], [], {"num-examples": 5, "accuracy": 0.5})
-                    assert stub.UploadResult(encode(result), timeout=10).accepted
+                    signed = encode(result, signer=signer(task))
+                    assert stub.UploadResult(signed, timeout=10).accepted
                 if task.kind == pb.Task.TRAIN:
                     break
             assert task.kind == pb.Task.TRAIN
@@ -392,6 +391,7 @@ def test_a_client_on_the_generated_stubs_interoperates_with_the_raw_frame_servic
                 np.testing.assert_array_equal(got, want)
             # Send the model back as this site's update, as protobuf messages.
             update = Payload(task.task_id, model.names, model.arrays, {"num-examples": 5})
-            reply = stub.UploadResult(encode(update, 64 * 1024), timeout=30)
+            sent = list(encode(update, 64 * 1024, signer=signer(task)))
+            reply = stub.UploadResult(iter(sent), timeout=30)
         assert reply.accepted, reply.reason
-        assert reply.bytes_received == sum(c.ByteSize() for c in encode(update, 64 * 1024))
+        assert reply.bytes_received == sum(c.ByteSize() for c in sent)

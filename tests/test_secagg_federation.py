@@ -9,19 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from federation_helpers import OFFSET, make_federation, offset_app, running_coordinator
+from federation_helpers import OFFSET, make_federation, offset_app, running_coordinator, wait_for
 
 from confide.errors import ConfigError
 from confide.server.config import FederationConfig
-
-
-def _wait(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _run(tmp_path: Path, secure: bool, sites: int = 4, rounds: int = 2, **secagg: Any) -> Any:
@@ -36,7 +27,7 @@ def _run(tmp_path: Path, secure: bool, sites: int = 4, rounds: int = 2, **secagg
         initial = [w.copy() for w in coordinator.weights]
         for i, name in enumerate(names):
             fed.start_agent(fed.agent(name, i, sites, app=offset_app()))
-        _wait(lambda: codes, 180, "the federation to finish")
+        wait_for(lambda: codes, 180, "the federation to finish")
         for t in fed.threads:
             t.join(timeout=20)
         final = [w.copy() for w in coordinator.weights]
@@ -102,7 +93,7 @@ def test_a_site_that_dies_in_a_stage_is_recovered(tmp_path: Path, stage: int, co
             if name == "site-4":
                 agent.__class__ = DiesAtStage
             fed.start_agent(agent)
-        _wait(lambda: codes, 180, "the federation to finish")
+        wait_for(lambda: codes, 180, "the federation to finish")
         final = [w.copy() for w in coordinator.weights]
     assert codes == [0]
     history = json.loads((tmp_path / "state" / "history.json").read_text())

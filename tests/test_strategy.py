@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from confide.server.strategy import (
     FedAdam,
     FedAvg,
     SiteResult,
+    WeightAverage,
     make_strategy,
     select_sites,
     weighted_mean,
@@ -98,3 +101,43 @@ def test_bad_strategy_settings_name_the_field() -> None:
         FedAvg(server_lr=0)
     with pytest.raises(ConfigError, match="beta1/beta2"):
         FedAdam(beta1=1.5)
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_keeps_counters() -> None:
+    avg = WeightAverage(0.9)
+    rounds = [[np.full(3, float(t), np.float32), np.array(t, np.int64)] for t in (1, 2, 3)]
+    got = [avg.update(w) for w in rounds]
+    np.testing.assert_array_equal(got[0][0], np.full(3, 1.0, np.float32))  # m_1 = w_1
+    b1 = 2 / 11  # min(0.9, (1 + 1) / (10 + 1)): the warm-up keeps early rounds light
+    m2 = b1 * 1.0 + (1 - b1) * 2.0
+    np.testing.assert_allclose(got[1][0], np.full(3, m2), rtol=1e-6)
+    b2 = 3 / 12
+    np.testing.assert_allclose(got[2][0], np.full(3, b2 * m2 + (1 - b2) * 3.0), rtol=1e-6)
+    assert got[2][0].dtype == np.float32
+    assert int(got[2][1]) == 3  # integer arrays are the latest model's, not averaged
+    with pytest.raises(ConfigError, match="server_ema"):
+        WeightAverage(1.0)
+
+
+def test_a_simulation_serves_the_average_and_trains_from_the_latest(tmp_path: Path) -> None:
+    from confide.sims.config import SimRunConfig
+    from confide.sims.engine import run_inprocess
+
+    base = {
+        "task": "credit-lstm",
+        "sites": 2,
+        "rounds": 3,
+        "max_samples_per_site": 100,
+        "central_eval": False,
+    }
+    plain = run_inprocess(SimRunConfig(**base, out=tmp_path / "a"), show_progress=False)
+    averaged = run_inprocess(
+        SimRunConfig(**base, server_ema=0.5, out=tmp_path / "b"), show_progress=False
+    )
+    # The same training (the average never feeds back), a different served model.
+    assert [r.train_loss for r in plain.history.rounds] == [
+        r.train_loss for r in averaged.history.rounds
+    ]
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(plain.weights, averaged.weights, strict=True)
+    )

@@ -52,10 +52,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from confide import __version__, wire
 from confide.client.dialect import AppDialect
 from confide.client.privacy import PrivacySettings, RoundRefused, SitePrivacy
-from confide.config import first_error, fix, load_toml
+from confide.config import first_error, fix, load_toml, no_nul
 from confide.errors import ConfideError, ConfigError
 from confide.logs import JsonFormatter
-from confide.privacy.crypto import Kit
+from confide.privacy.crypto import Kit, UpdateSigner
 from confide.privacy.crypto.pki import split_address
 from confide.privacy.dp import federated as dpfed
 from confide.privacy.secagg import SecAggClient, SecAggError
@@ -202,6 +202,7 @@ class DeidSettings(BaseModel):
     """[deid]: de-identify the site's raw export before the ClientApp sees any data."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _no_nul = field_validator("*")(no_nul)
 
     config: Path = Field(
         json_schema_extra=fix(
@@ -227,6 +228,7 @@ class SiteConfig(BaseModel):
     """site.toml: which ClientApp to host, where the coordinator is, what the app is told."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _no_nul = field_validator("*")(no_nul)
 
     app: str = Field(
         DEFAULT_APP,
@@ -1193,7 +1195,16 @@ class SiteAgent:
         return wire.Payload(task.task_id, names, arrays, metrics, {})
 
     def _upload(self, task: pb.Task, payload: wire.Payload) -> None:
-        chunks = wire.frames(payload, self._chunk_bytes)
+        # Every upload is signed with the kit's key: federation, round, task, site, a fresh
+        # nonce and the stream's digests (confide.privacy.crypto.signing).
+        signer = UpdateSigner(
+            self.kit,
+            federation=self.kit.federation,
+            round=int(task.round),
+            task_id=payload.task_id,
+            site=self._site_id,
+        )
+        chunks = wire.frames(payload, self._chunk_bytes, signer=signer)
         try:
             first = next(chunks)  # the manifest: dtypes are checked before anything is sent
         except wire.WireError as e:

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from confide.config import first_error, fix, load_toml
+from confide.config import first_error, fix, load_toml, no_nul
 from confide.errors import ConfigError
+from confide.privacy.crypto import SealKey
 from confide.privacy.dp.federated import DpSettings
 from confide.privacy.secagg.federated import SecAggSettings
 
@@ -17,6 +18,8 @@ Scalar = int | float | bool | str
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _no_nul = field_validator("*")(no_nul)
 
 
 class FederationSection(_Section):
@@ -98,6 +101,21 @@ class ServerSection(_Section):
     max_poll_seconds: float = Field(10.0, gt=0, le=60, json_schema_extra=fix("use 1 to 60"))
     workers: int = Field(64, ge=4, json_schema_extra=fix("use >= 4 (one per connected site)"))
     log_json: bool = Field(False, json_schema_extra=fix("true or false"))
+    seal_key_file: Path | None = Field(
+        None,
+        json_schema_extra=fix(
+            "name a 32-byte key file of mode 0600, made by `confide coordinator seal-key --out "
+            "PATH` (docs/security.md#data-at-rest)"
+        ),
+    )
+    seal_passphrase_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        json_schema_extra=fix(
+            "name an environment variable that holds the passphrase, e.g. CONFIDE_SEAL_PASSPHRASE "
+            "(never the passphrase itself)"
+        ),
+    )
 
 
 class FederationConfig(_Section):
@@ -141,6 +159,14 @@ class FederationConfig(_Section):
     def state_dir(self) -> Path:
         return self.resolve(self.server.state_dir)
 
+    def seal_key(self) -> SealKey | None:
+        """The key that seals checkpoints at rest (docs/security.md), or None: plaintext."""
+        if self.server.seal_key_file is not None:
+            return SealKey.from_file(self.resolve(self.server.seal_key_file))
+        if self.server.seal_passphrase_env is not None:
+            return SealKey.from_env(self.server.seal_passphrase_env)
+        return None
+
     @classmethod
     def load(cls, path: Path, **overrides: Any) -> FederationConfig:
         raw = load_toml(path)
@@ -154,6 +180,12 @@ class FederationConfig(_Section):
             cfg = cls(**raw)
         except ValidationError as e:
             raise first_error(e, cls) from None
+        if cfg.server.seal_key_file is not None and cfg.server.seal_passphrase_env is not None:
+            raise ConfigError(
+                "server.seal_key_file",
+                "set together with server.seal_passphrase_env",
+                "choose one: a key file, or a passphrase from the environment",
+            )
         if cfg.federation.secure_aggregation != "none" and cfg.selection.min_sites < 3:
             raise ConfigError(
                 "selection.min_sites",

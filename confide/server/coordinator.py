@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import logging
 import math
+import sqlite3
 import sys
 import threading
 import time
@@ -44,10 +45,11 @@ from confide.privacy.secagg import federated as secagg_fl
 from confide.rpc import TrafficMeter, add_coordinator_service
 from confide.server.config import FederationConfig
 from confide.server.history import History, RoundRecord
+from confide.server.integrity import check_arrays, check_client_clip
 from confide.server.privacy import CoordinatorPrivacy
-from confide.server.rounds import Kind, Phase, Rejected, RoundBoard, TaskSpec, finite
+from confide.server.rounds import Kind, Phase, Reason, Rejected, RoundBoard, TaskSpec
 from confide.server.service import CoordinatorService
-from confide.server.store import Store
+from confide.server.store import CheckpointWriteError, Store
 from confide.server.strategy import (
     FedAdam,
     SiteResult,
@@ -61,6 +63,7 @@ log = logging.getLogger("confide.coordinator")
 
 MAX_EXAMPLES = 10**9
 MIN_CHUNK_BYTES = 64 * 1024  # a site claiming more is lying or broken; it would dominate the mean
+EXIT_STATE_UNWRITABLE = 3  # a checkpoint could not be written (a full disk): stopped, resumable
 
 
 class NotEnoughSites(ConfideError, RuntimeError):
@@ -119,7 +122,7 @@ class Coordinator:
                 "use the name given to `confide pki init`, or point server.coordinator_dir "
                 "at that federation's folder",
             )
-        self.store = Store(cfg.state_dir)
+        self.store = Store(cfg.state_dir, cfg.seal_key())
         self.store.bind(cfg.federation.name, cfg.federation.model)
         self.board = RoundBoard(site_timeout=cfg.server.site_timeout_seconds)
         self.chunk_bytes = int(cfg.server.chunk_mb * 1024 * 1024)
@@ -257,55 +260,60 @@ class Coordinator:
     # --- validation of results ----------------------------------------------------------
 
     def validate(self, task: TaskSpec, payload: Payload) -> None:
+        """A result's content; :class:`Rejected` with a typed reason when it cannot count.
+
+        Who sent it and for which round was checked before (``integrity.check_signed``).
+        """
         if task.kind is Kind.TRAIN and self.privacy.enabled:
-            self.privacy.accept_events(task.site_id, task.round, payload.config)
+            try:
+                self.privacy.accept_events(task.site_id, task.round, payload.config)
+            except Rejected as e:
+                raise Rejected(str(e), Reason.BAD_DP_EVENTS) from None
         if task.kind is Kind.SECAGG or (task.kind is Kind.TRAIN and "secagg.site" in task.config):
             self._validate_secagg(task, payload)
             return
         n = payload.metrics.get(NUM_EXAMPLES)
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_EXAMPLES:
-            raise Rejected(f"metric {NUM_EXAMPLES!r} must be an integer in 0..{MAX_EXAMPLES}")
+            raise Rejected(
+                f"metric {NUM_EXAMPLES!r} must be an integer in 0..{MAX_EXAMPLES}",
+                Reason.BAD_METRICS,
+            )
         for key, value in payload.metrics.items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise Rejected(f"metric {key!r} is not finite")
+                raise Rejected(f"metric {key!r} is not finite", Reason.BAD_METRICS)
         if task.kind is Kind.EVALUATE:
             return
         if n == 0:
-            raise Rejected("a training result must report at least one example")
-        if len(payload.arrays) != len(self.weights):
-            raise Rejected(f"{len(payload.arrays)} arrays, but the model has {len(self.weights)}")
-        for i, (got, ref) in enumerate(zip(payload.arrays, self.weights, strict=True)):
-            if got.shape != ref.shape:
-                raise Rejected(
-                    f"array {i} ({self.names[i]}) has shape {got.shape}, expected {ref.shape}"
-                )
-            if not np.issubdtype(got.dtype, np.floating) and np.issubdtype(ref.dtype, np.floating):
-                raise Rejected(f"array {i} ({self.names[i]}) has dtype {got.dtype}, expected float")
-        if not finite(payload.arrays):
-            raise Rejected("the update holds NaN or infinite values")
+            raise Rejected("a training result must report at least one example", Reason.BAD_METRICS)
+        check_arrays(payload.arrays, self.weights, self.names)
+        if self.privacy.enabled and self.cfg.dp.client is not None:
+            check_client_clip(task.config, payload.arrays, self.weights)
 
     def _validate_secagg(self, task: TaskSpec, payload: Payload) -> None:
         """Parse a secure-aggregation message; the round loop feeds it to the protocol."""
         for key, value in payload.metrics.items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise Rejected(f"metric {key!r} is not finite")
+                raise Rejected(f"metric {key!r} is not finite", Reason.BAD_METRICS)
         stage = 1 if task.kind is Kind.TRAIN else task.config.get("secagg.stage")
         site = task.config.get("secagg.site")
         try:
             if stage == 3:
                 dim = int(task.config["secagg.dim"])  # set by this coordinator
                 if len(payload.arrays) != 1:
-                    raise Rejected("a masked input is exactly one array")
+                    raise Rejected("a masked input is exactly one array", Reason.BAD_SECAGG)
                 vec = payload.arrays[0]
                 if vec.dtype != np.uint32 or vec.shape != (dim + 1,):
                     raise Rejected(
                         f"a masked input must be uint32 of shape ({dim} + 1,), got {vec.dtype} "
-                        f"{vec.shape}"
+                        f"{vec.shape}",
+                        Reason.BAD_SECAGG,
                     )
                 got = secagg_fl.masked_from_record(payload.metrics, vec).site
             else:
                 if payload.arrays:
-                    raise Rejected("this secure-aggregation stage carries no arrays")
+                    raise Rejected(
+                        "this secure-aggregation stage carries no arrays", Reason.BAD_SECAGG
+                    )
                 if stage == 1:
                     got = secagg_fl.advert_from_record(payload.metrics).site
                 elif stage == 2:
@@ -313,11 +321,16 @@ class Coordinator:
                 elif stage == 4:
                     got = secagg_fl.reply_from_record(payload.metrics).site
                 else:
-                    raise Rejected(f"unknown secure-aggregation stage {stage!r}")
+                    raise Rejected(f"unknown secure-aggregation stage {stage!r}", Reason.BAD_SECAGG)
         except ProtocolViolation as e:
-            raise Rejected(f"malformed secure-aggregation message: {e}") from None
+            raise Rejected(
+                f"malformed secure-aggregation message: {e}", Reason.BAD_SECAGG
+            ) from None
         if got != site:
-            raise Rejected(f"the message names site {got}, this site is {site!r} in the round")
+            raise Rejected(
+                f"the message names site {got}, this site is {site!r} in the round",
+                Reason.WRONG_SITE,
+            )
 
     # --- the federation ----------------------------------------------------------------
 
@@ -345,6 +358,11 @@ class Coordinator:
             log.error("%s", e)
             self.store.event("aborted", reason=str(e))
             return 1
+        except CheckpointWriteError as e:
+            # Training on without durable checkpoints would break "a crash loses nothing":
+            # stop, and let the operator free space and restart from the last checkpoint.
+            log.error("%s", e)
+            return EXIT_STATE_UNWRITABLE
 
     def _sites_needed(self, rnd: int) -> int:
         sel = self.cfg.selection
@@ -414,6 +432,7 @@ class Coordinator:
             chosen = sorted(str(s) for s in rng.choice(sites, size=k, replace=False))
             start = time.time()
             self.store.round_started(rnd, attempt, chosen)
+            self.store.prune_nonces(rnd)  # older rounds' uploads are refused as WRONG_ROUND
             if self.privacy.enabled:
                 self.privacy.audit(
                     "round_started",
@@ -544,7 +563,11 @@ class Coordinator:
         evaluation = self._evaluate(rnd)
         traffic = self._round_traffic(rnd)
         state = self.strategy.state() if isinstance(self.strategy, FedAdam) else None
-        self.store.save_checkpoint(rnd, self.names, self.weights, state)
+        try:
+            self.store.save_checkpoint(rnd, self.names, self.weights, state)
+        except CheckpointWriteError as e:
+            self._checkpoint_failed(rnd, attempt, phase, e)
+            raise
         self.store.round_finished(
             rnd,
             attempt,
@@ -587,6 +610,19 @@ class Coordinator:
             traffic["down_bytes"] / 1e6,
             traffic["up_bytes"] / 1e6,
         )
+
+    def _checkpoint_failed(
+        self, rnd: int, attempt: int, phase: Phase, e: CheckpointWriteError
+    ) -> None:
+        """Record (best effort: the disk may be full) that round ``rnd`` was not saved."""
+        failures = {**phase.failures, "checkpoint": str(e)}
+        try:
+            self.store.round_finished(
+                rnd, attempt, "failed", succeeded=sorted(phase.results), failures=failures
+            )
+            self.store.event("checkpoint_failed", rnd=rnd, error=str(e))
+        except (ConfideError, OSError, sqlite3.Error) as again:
+            log.error("round %d: could not record the failed checkpoint either: %s", rnd, again)
 
     def _min_survivors(self, selected: int) -> int:
         """Fewest sites whose updates can make up an aggregate this round (for noise shares)."""

@@ -96,14 +96,19 @@ class CoordinatorPrivacy:
         if budget_text is None:
             return
         try:
-            budget = json.loads(budget_text)
-            self.ledger.set_budget(site, float(budget["epsilon_max"]), float(budget["delta"]))
+            try:
+                budget = json.loads(budget_text)
+            except RecursionError:
+                raise Rejected("its budget is JSON nested too deeply") from None  # "[[[[..."
+            epsilon_max, delta = float(budget["epsilon_max"]), float(budget["delta"])
             events = dpfed.events_from_json(ledger_text or "[]")
             for e in events:
                 if e.get("site") != site:
                     raise Rejected(f"its ledger names site {e.get('site')!r}")
             added = self.ledger.mirror(events)
-        except (Rejected, DpError, KeyError, TypeError, ValueError) as e:
+            # The budget last: a site whose ledger was refused must not look eligible.
+            self.ledger.set_budget(site, epsilon_max, delta)
+        except (Rejected, DpError, KeyError, TypeError, ValueError, ArithmeticError) as e:
             log.warning("site %s announced an unusable privacy ledger (%s); no DP rounds", site, e)
             self.audit("ledger_refused", {"site": site, "reason": str(e)})
             return
@@ -167,7 +172,7 @@ class CoordinatorPrivacy:
                     raise Rejected(
                         f"its DP events are for {e.get('federation')!r} round {e.get('round')}"
                     )
-            mechanisms = {e.get("mechanism") for e in events}
+            mechanisms = {str(e.get("mechanism")) for e in events}  # any JSON: maybe a list
             expected = set()
             if self.settings.example is not None:
                 expected.add("dp-sgd")
@@ -175,6 +180,21 @@ class CoordinatorPrivacy:
                 expected.add("dp-fedavg")
             if not expected <= mechanisms:
                 raise Rejected(f"its DP events lack {sorted(expected - mechanisms)}")
+            # More steps than planned is a result the site itself must withhold; it would also
+            # make every later ε of the site slow to compute (the accountant's cost grows
+            # with the steps).
+            planned = {
+                ev.mechanism: ev.steps
+                for ev in self.plan.planned_events(self.federation, rnd, clip_norm=self.clip_norm)
+            }
+            for e in events:
+                steps = e.get("steps")
+                limit = planned.get(str(e.get("mechanism")))
+                if limit is not None and isinstance(steps, int) and steps > limit:
+                    raise Rejected(
+                        f"its {e.get('mechanism')} event claims {steps} steps, the round's plan "
+                        f"allows at most {limit}"
+                    )
             added = self.ledger.mirror(events)
         except DpError as e:
             raise Rejected(f"its DP events are invalid: {e}") from None

@@ -73,8 +73,35 @@ class Phase:
         return len(self.results) + len(self.failures)
 
 
+class Reason(str, Enum):
+    """Why the coordinator refused an upload: the first word of ``UploadReply.reason``."""
+
+    MALFORMED = "MALFORMED"  # the stream breaks the wire contract (order, sizes, digest)
+    UNSIGNED = "UNSIGNED"  # no signature, or no valid update statement in the manifest
+    BAD_SIGNATURE = "BAD_SIGNATURE"  # not signed by the caller's certificate key, or altered
+    WRONG_FEDERATION = "WRONG_FEDERATION"  # signed for another federation
+    WRONG_SITE = "WRONG_SITE"  # the statement names a site other than the certificate's
+    WRONG_ROUND = "WRONG_ROUND"  # signed for another round than the one running
+    REPLAYED = "REPLAYED"  # this site's nonce was used before
+    UNKNOWN_TASK = "UNKNOWN_TASK"  # no such task in the open phase, or another site's
+    LATE = "LATE"  # the phase closed or its deadline passed
+    DUPLICATE = "DUPLICATE"  # a result for the task was already accepted
+    BAD_METRICS = "BAD_METRICS"  # num-examples missing or out of range, a metric not finite
+    WRONG_SHAPE = "WRONG_SHAPE"  # arrays' number or shapes differ from the model's
+    WRONG_DTYPE = "WRONG_DTYPE"  # an array's dtype is not of the model array's kind
+    NOT_FINITE = "NOT_FINITE"  # NaN or infinity in the update
+    NORM_ABOVE_CLIP = "NORM_ABOVE_CLIP"  # client-level DP: the update exceeds the round's C
+    BAD_DP_EVENTS = "BAD_DP_EVENTS"  # a DP round's ledger events missing or wrong
+    BAD_SECAGG = "BAD_SECAGG"  # a secure-aggregation message the protocol refuses
+    REJECTED = "REJECTED"  # anything else
+
+
 class Rejected(Exception):
     """A result the coordinator will not use; the reason goes back to the site."""
+
+    def __init__(self, message: str, reason: Reason = Reason.REJECTED) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 Validator = Callable[[TaskSpec, Payload], None]
@@ -254,12 +281,19 @@ class RoundBoard:
             phase = self._phase
             task = phase.tasks.get(task_id) if phase else None
             if task is None or phase is None:
-                raise Rejected(f"unknown task {task_id!r}")
+                raise Rejected(f"unknown task {task_id!r}", Reason.UNKNOWN_TASK)
             if task.site_id != session.site_id:
-                raise Rejected(f"task {task_id} belongs to another site")
+                raise Rejected(f"task {task_id} belongs to another site", Reason.UNKNOWN_TASK)
             if phase.closed:
-                raise Rejected(f"round {task.round} {task.kind.value} phase is already closed")
+                raise Rejected(
+                    f"round {task.round} {task.kind.value} phase is already closed", Reason.LATE
+                )
             return task
+
+    def current_round(self) -> int | None:
+        """The round of the latest phase published (open or closed); None before any."""
+        with self._cv:
+            return None if self._phase is None else self._phase.round
 
     def submit(self, session: Session, payload: Payload, validate: Validator) -> TaskSpec:
         """Accept a site's result for the open phase, or raise :class:`Rejected`."""
@@ -269,11 +303,11 @@ class RoundBoard:
         with self._cv:
             phase = self._phase
             if phase is None or phase.closed or payload.task_id not in phase.tasks:
-                raise Rejected("the phase closed while the result was arriving")
+                raise Rejected("the phase closed while the result was arriving", Reason.LATE)
             if time.time() > task.deadline:
-                raise Rejected(f"deadline of round {task.round} passed")
+                raise Rejected(f"deadline of round {task.round} passed", Reason.LATE)
             if session.site_id in phase.results:
-                raise Rejected("a result for this task was already accepted")
+                raise Rejected("a result for this task was already accepted", Reason.DUPLICATE)
             phase.failures.pop(session.site_id, None)
             phase.results[session.site_id] = payload
             self._cv.notify_all()
@@ -285,7 +319,11 @@ class RoundBoard:
             if phase is None or phase.closed:
                 return
             task = phase.tasks.get(task_id)
-            if task is not None and task.site_id == session.site_id:
+            if (
+                task is not None
+                and task.site_id == session.site_id
+                and session.site_id not in phase.results  # accepted already: a late extra
+            ):
                 phase.failures.setdefault(session.site_id, reason)
                 self._cv.notify_all()
 

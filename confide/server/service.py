@@ -26,8 +26,9 @@ from confide.privacy.crypto import (
 from confide.privacy.crypto.errors import PKIError
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
-from confide.server.rounds import Kind, Rejected, RoundBoard, Session
-from confide.wire import StreamStats, WireError, decode, encode_records
+from confide.server.integrity import INTEGRITY_REASONS, check_signed
+from confide.server.rounds import Kind, Reason, Rejected, RoundBoard, Session, TaskSpec
+from confide.wire import Payload, StreamStats, WireError, decode, encode_records
 
 if TYPE_CHECKING:
     from confide.server.coordinator import Coordinator
@@ -106,8 +107,9 @@ class CoordinatorService:
         self.c.privacy.site_joined(ident.identity, dict(request.capabilities))
         session = self.board.join(ident.identity, ident.serial)
         self.c.store.site_seen(ident.identity, ident.role, f"{ident.serial:x}", session.session_id)
-        self.c.store.event("join", site_id=ident.identity, software=request.software)
-        log.info("site %s joined (%s)", ident.identity, request.software or "unknown software")
+        software = untrusted(request.software, 200)
+        self.c.store.event("join", site_id=ident.identity, software=software)
+        log.info("site %s joined (%s)", ident.identity, software or "unknown software")
         return pb.JoinReply(
             protocol_version=PROTOCOL_VERSION,
             federation=self.c.cfg.federation.name,
@@ -164,15 +166,33 @@ class CoordinatorService:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; join again")
             raise AssertionError("unreachable")
         counted = StreamStats()
+        payload: Payload | None = None
         try:
             payload = decode(request_iterator, max_bytes=self.c.max_update_bytes, stats=counted)
-            task = self.board.submit(session, payload, self.c.validate)
-        except (WireError, Rejected) as e:
-            reason = str(e)
-            log.warning("rejected result from %s: %s", ident.identity, reason)
-            self.c.store.event("rejected", site_id=ident.identity, reason=reason)
-            self.c.store.site_result(ident.identity, False, reason)
-            return pb.UploadReply(accepted=False, reason=reason, bytes_received=counted.wire_bytes)
+            # Who and when before what: the statement is checked against the caller's
+            # certificate and the running round before the content is looked at.
+            statement = check_signed(
+                payload,
+                site=ident.identity,
+                certificate=_peer_certificate(context),
+                federation=self.c.cfg.federation.name,
+                current_round=self.board.current_round(),
+                nonces=self.c.store,
+            )
+
+            def validate(task: TaskSpec, result: Payload) -> None:
+                if task.round != statement.round:
+                    raise Rejected(
+                        f"signed for round {statement.round}, the task is of round {task.round}",
+                        Reason.WRONG_ROUND,
+                    )
+                self.c.validate(task, result)
+
+            task = self.board.submit(session, payload, validate)
+        except WireError as e:
+            return self._refuse(ident, session, payload, Reason.MALFORMED, str(e), counted)
+        except Rejected as e:
+            return self._refuse(ident, session, payload, e.reason, str(e), counted)
         self.c.store.site_result(ident.identity, True)
         log.info(
             "round %d: %s result from %s accepted (%.1f MB)",
@@ -182,6 +202,33 @@ class CoordinatorService:
             counted.wire_bytes / 1e6,
         )
         return pb.UploadReply(accepted=True, bytes_received=counted.wire_bytes)
+
+    def _refuse(
+        self,
+        ident: Identity,
+        session: Session,
+        payload: Payload | None,
+        code: Reason,
+        message: str,
+        counted: StreamStats,
+    ) -> pb.UploadReply:
+        """Answer a refused upload with its typed reason; the site's task fails, the round
+        carries on with the others."""
+        reason = f"{code.value}: {message}"
+        task_id = payload.task_id if payload is not None else ""
+        log.warning("rejected result from %s (%s): %s", ident.identity, task_id or "-", reason)
+        self.c.store.event(
+            "rejected", site_id=ident.identity, reason=reason, code=code.value, task=task_id
+        )
+        self.c.store.site_result(ident.identity, False, reason)
+        if code in INTEGRITY_REASONS:  # forged, replayed or misdirected: on the signed record
+            self.c.privacy.audit(
+                "update_refused",
+                {"site": ident.identity, "task": task_id, "code": code.value, "reason": message},
+            )
+        if task_id:  # a no-op unless it is the site's open task, not yet accepted
+            self.board.report_failure(session, task_id, reason)
+        return pb.UploadReply(accepted=False, reason=reason, bytes_received=counted.wire_bytes)
 
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
@@ -194,18 +241,17 @@ class CoordinatorService:
     def ReportError(self, request: pb.SiteError, context: grpc.ServicerContext) -> pb.Ack:
         ident = self._identity(context)
         session = self._session(request.session_id, ident, context)
-        reason = f"{request.code}: {request.message}"
+        task_id, message = untrusted(request.task_id, 200), untrusted(request.message)
+        reason = f"{untrusted(request.code, 64)}: {message}"
         self.board.report_failure(session, request.task_id, reason)
         self.c.store.site_result(ident.identity, False, reason)
-        self.c.store.event(
-            "site_error", site_id=ident.identity, task=request.task_id, reason=reason
-        )
+        self.c.store.event("site_error", site_id=ident.identity, task=task_id, reason=reason)
         if request.code == "BUDGET_EXHAUSTED" and self.c.privacy.enabled:
             self.c.privacy.audit(
                 "site_refused_budget",
-                {"site": ident.identity, "task": request.task_id, "message": request.message},
+                {"site": ident.identity, "task": task_id, "message": message},
             )
-        log.warning("site %s could not do %s: %s", ident.identity, request.task_id, reason)
+        log.warning("site %s could not do %s: %s", ident.identity, task_id, reason)
         return pb.Ack()
 
     def GetAuditRecords(
@@ -218,6 +264,21 @@ class CoordinatorService:
         log.info("%s %s read the audit records (%d bytes)", ident.role, ident.identity, len(data))
         for start in range(0, len(data), AUDIT_CHUNK):
             yield pb.AuditChunk(data=data[start : start + AUDIT_CHUNK])
+
+
+def _peer_certificate(context: grpc.ServicerContext) -> bytes:
+    """The caller's mutual-TLS certificate (PEM), the one its uploads must be signed with."""
+    certs = context.auth_context().get("x509_pem_cert") or [b""]
+    return bytes(certs[0])
+
+
+def untrusted(text: str, limit: int = 1000) -> str:
+    """Text a site sent, fit for a log line and the store: control characters escaped (a
+    newline cannot forge a log line) and cut at ``limit`` characters (a site cannot fill
+    the coordinator's disk through its error messages)."""
+    cut = text[:limit]
+    safe = cut if cut.isprintable() else repr(cut)[1:-1]
+    return safe + (f"... ({len(text) - limit} more characters)" if len(text) > limit else "")
 
 
 ServiceFactory = Callable[["Coordinator"], CoordinatorService]

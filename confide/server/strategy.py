@@ -208,6 +208,42 @@ class FedAdam:
         self.v = [np.asarray(a, dtype=np.float64).copy() for a in state["v"]]
 
 
+class WeightAverage:
+    """An exponential moving average of the global model over rounds, served in its place.
+
+    The sites keep training from the latest global model; what is evaluated and exported
+    is ``m_t = b_t m_(t-1) + (1 - b_t) w_t`` with ``b_t = min(decay, (1 + t) / (10 + t))``
+    (the warm-up of TensorFlow's ``ExponentialMovingAverage``, so early rounds do not
+    drag the average towards the initial model). Averaging the iterates smooths the
+    noise DP-SGD puts into every round (De et al. 2022 use it for DP image models); it is
+    post-processing of released models, so it costs no privacy. Integer arrays (counters)
+    are taken from the latest model, not averaged.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0 <= decay < 1:
+            raise ConfigError("server_ema", f"must be in [0, 1) (got {decay})", "use e.g. 0.9")
+        self.decay = decay
+        self.updates = 0
+        self.weights: Weights | None = None
+
+    def update(self, weights: Weights) -> Weights:
+        """Fold in the round's global model; returns the average (a new list)."""
+        b = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        if self.weights is None:
+            self.weights = [w.copy() for w in weights]
+            return self.weights
+        _check_compatible(self.weights, weights, "the new global model")
+        self.weights = [
+            (b * m + (1 - b) * w).astype(w.dtype)
+            if np.issubdtype(w.dtype, np.floating)
+            else w.copy()
+            for m, w in zip(self.weights, weights, strict=True)
+        ]
+        return self.weights
+
+
 STRATEGIES = ("fedavg", "fedadam")
 
 

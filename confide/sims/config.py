@@ -95,6 +95,15 @@ class SimRunConfig(BaseModel):
     strategy: Literal["fedavg", "fedadam"] = Field(
         "fedavg", json_schema_extra=fix("use fedavg or fedadam")
     )
+    server_ema: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        json_schema_extra=fix(
+            "use a decay in [0, 1), e.g. 0.9: evaluate and export a moving average of the "
+            "global models (no privacy cost), or leave it unset"
+        ),
+    )
     server_lr: float | None = Field(None, gt=0, json_schema_extra=fix("use a positive rate"))
     seed: int = Field(0, ge=0, json_schema_extra=fix("use a non-negative integer"))
     data_dir: Path | None = Field(

@@ -64,6 +64,7 @@ from confide.privacy.secagg.federated import (
 from confide.server.history import History, RoundRecord
 from confide.server.strategy import (
     SiteResult,
+    WeightAverage,
     Weights,
     make_strategy,
     select_sites,
@@ -322,12 +323,14 @@ class RoundDriver:
             else None
         )
         self.dp = SimPrivacy(cfg) if cfg.dp.enabled else None
+        self.average = WeightAverage(cfg.server_ema) if cfg.server_ema is not None else None
+        self.served: Weights = self.weights  # what is evaluated and exported
 
     def _central_eval(self, record: RoundRecord) -> None:
         if self.test_set is None or self.module is None:
             return
         model = self.module()
-        set_weights(model, self.weights)
+        set_weights(model, self.served)
         result = evaluate(model, self.test_set)
         record.test_loss, record.test_accuracy = result.loss, result.accuracy
 
@@ -493,7 +496,7 @@ class RoundDriver:
         fraction = cfg.fraction_evaluate if cfg.fraction_evaluate is not None else cfg.fraction
         sites = select_sites(cfg.sites, fraction, 1, self.rng)
         config = ConfigRecord({"server-round": server_round})
-        content = self.dialect.evaluate_content(self.names, self.weights, config)
+        content = self.dialect.evaluate_content(self.names, self.served, config)
         replies = self._exchange(
             link, sites, MessageType.EVALUATE, content, server_round, progress, "evaluate"
         )
@@ -551,6 +554,9 @@ class RoundDriver:
                 start = time.perf_counter()
                 record = RoundRecord(round=server_round)
                 self._train_round(link, server_round, record, progress)
+                self.served = (
+                    self.average.update(self.weights) if self.average is not None else self.weights
+                )
                 self._federated_eval(link, server_round, record, progress)
                 record.traffic = self._modelled_traffic(record)
                 self._central_eval(record)
@@ -572,7 +578,7 @@ class RoundDriver:
         model_path = self._save_model(out_dir)
         report_path, _ = write_run_report(history, out_dir, self._estimate(history))
         return SimResult(
-            history, self.weights, out_dir, history_path, plot_path, model_path, report_path
+            history, self.served, out_dir, history_path, plot_path, model_path, report_path
         )
 
     def _modelled_traffic(self, record: RoundRecord) -> dict[str, Any]:
@@ -625,12 +631,12 @@ class RoundDriver:
         """``model.pt`` (a state dict) for a torch model, ``model.npz`` for bare arrays."""
         if self.module is not None:
             model = self.module()
-            set_weights(model, self.weights)
+            set_weights(model, self.served)
             path = out_dir / "model.pt"
             torch.save(model.state_dict(), path)
             return path
         path = out_dir / "model.npz"
-        np.savez(path, **dict(zip(self.names, self.weights, strict=True)))  # type: ignore[arg-type]
+        np.savez(path, **dict(zip(self.names, self.served, strict=True)))  # type: ignore[arg-type]
         return path
 
     def _progress(self) -> Progress | None:

@@ -26,6 +26,9 @@ What varies in a real run, and by how much (each is a few bytes per message):
   each extra digit is one byte in the ``Task``, the manifest and the next request;
 * integer values (``num-examples``, ``UploadReply.bytes_received``) are varints: 1 to
   10 bytes depending on the value; floats always take 9 bytes, so losses never matter;
+* every upload is signed: its manifest names the federation, the site, the round and a
+  16-byte nonce, and a DER ECDSA signature of 70-72 bytes ends it (71 modelled); pass
+  the real ``federation`` and ``site`` names for the exact name lengths;
 * DP events (``dp.events``, a JSON string of the site's ledger events) and any
   application metrics: pass what your app and privacy settings really send
   (``train_metrics``, ``result_config``, ``train_config``);
@@ -39,6 +42,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
@@ -73,6 +77,7 @@ __all__ = [
     "secagg_items",
     "stream_size",
     "synthetic_arrays",
+    "upload_claim",
 ]
 
 #: The methods of ``confide.v1.Coordinator`` a site calls, in ``by_method`` order.
@@ -92,6 +97,10 @@ _SESSION_ID = "0" * 32  # uuid4().hex
 _MODEL_DIGEST = "0" * 12  # the first 12 hex digits of the weights' SHA-256
 _DEADLINE = 1.0e9  # any non-zero double costs 9 bytes
 _SHA256_BYTES = 32
+# Every upload ends with a DER ECDSA P-256 signature: 70, 71 or 72 bytes (71 on average,
+# the only size that varies from draw to draw), after a 16-byte nonce in its manifest.
+_SIGNATURE_BYTES = 71
+_NONCE_BYTES = 16
 # The coordinator serves models in chunks of at least 64 KiB (MIN_CHUNK_BYTES there);
 # the agent uploads in the coordinator's chunk size, at most 32 MiB (MAX_CHUNK_MB there).
 # tests/test_wirebytes.py checks both against the code.
@@ -177,8 +186,13 @@ def stream_size(
     task_id: str = "",
     metrics: Mapping[str, Scalar] | None = None,
     config: Mapping[str, Scalar] | None = None,
+    claim: Mapping[str, Scalar] | None = None,
 ) -> StreamSize:
-    """The size of ``confide.wire.frames(Payload(task_id, arrays, metrics, config))``."""
+    """The size of ``confide.wire.frames(Payload(task_id, arrays, metrics, config))``.
+
+    ``claim``: an upload's signed statement entries (:func:`upload_claim`); they join the
+    config and a signature frame ends the stream (``frames(..., signer=...)``).
+    """
     if chunk_bytes <= 0:
         raise WireError(f"chunk size must be positive (got {chunk_bytes})")
     for a in arrays:
@@ -193,7 +207,7 @@ def stream_size(
                 for a in arrays
             ],
             metrics=encode_records(metrics or {}),
-            config=encode_records(config or {}),
+            config=encode_records({**(config or {}), **(claim or {})}),
             total_bytes=total,
         )
     ).ByteSize()
@@ -201,7 +215,19 @@ def stream_size(
     full, rest = divmod(total, chunk_bytes)
     data = full * _bytes_field(chunk_bytes) + (_bytes_field(rest) if rest else 0)
     digest = _bytes_field(_SHA256_BYTES)
-    return StreamSize(manifest + data + digest, 2 + full + (1 if rest else 0))
+    signature = 0 if claim is None else _bytes_field(_SIGNATURE_BYTES)
+    messages = 2 + full + (1 if rest else 0) + (claim is not None)
+    return StreamSize(manifest + data + digest + signature, messages)
+
+
+def upload_claim(federation: str, site: str, rnd: int) -> dict[str, Scalar]:
+    """The ``confide.*`` entries a site's signed upload adds to its manifest (protocol 3)."""
+    return {
+        "confide.federation": federation,
+        "confide.round": rnd,
+        "confide.site": site,
+        "confide.nonce": bytes(_NONCE_BYTES),
+    }
 
 
 # --------------------------------------------------------------------------- secure aggregation
@@ -311,10 +337,11 @@ class RoundTraffic:
 class _Tally:
     """Bytes and messages per method and direction, summed over the sites of a round."""
 
-    def __init__(self) -> None:
+    def __init__(self, claim: Mapping[str, Scalar] | None = None) -> None:
         self.bytes = {m: [0, 0] for m in METHODS}
         self.messages = {m: [0, 0] for m in METHODS}
         self.calls = 0
+        self.claim = claim  # what every upload's signed statement adds
 
     def _add(self, method: str, up: int, down: int, up_msgs: int, down_msgs: int) -> None:
         b, n = self.bytes[method], self.messages[method]
@@ -333,7 +360,12 @@ class _Tally:
         self._add("DownloadModel", request.ByteSize(), stream.frames, 1, stream.messages)
         self.calls += 1
 
-    def upload(self, stream: StreamSize) -> None:
+    def upload(self, arrays: Sequence[ArraySpec], **stream: Any) -> None:
+        """A site's signed upload of ``stream_size(arrays, **stream)``."""
+        size = stream_size(arrays, claim=self.claim, **stream)
+        self._upload(size)
+
+    def _upload(self, stream: StreamSize) -> None:
         reply = pb.UploadReply(accepted=True, bytes_received=stream.frames)
         self._add("UploadResult", stream.frames, reply.ByteSize(), stream.messages, 1)
         self.calls += 1
@@ -375,6 +407,8 @@ def round_traffic(
     poll_seconds: float = 10.0,
     waits: int = 0,
     heartbeats: int = 0,
+    federation: str = "federation",
+    site: str = "site-0000",
 ) -> RoundTraffic:
     """Bytes of one training round of ``sites`` selected sites, as the real services send.
 
@@ -396,6 +430,8 @@ def round_traffic(
     download the model and fall silent before uploading (with ``secagg``: after sharing
     keys, which makes the survivors reveal mask-key shares); they do not evaluate.
     ``waits`` long polls answered WAIT and ``heartbeats`` per site are added as given.
+    Every upload carries its signed statement (``federation`` and ``site`` name it, see
+    :func:`upload_claim`) and ends with the signature.
     """
     if sites < 1:
         raise ValueError(f"a round has at least one site (got {sites})")
@@ -428,7 +464,7 @@ def round_traffic(
     model = stream_size(arrays, chunk_bytes=down_chunk, task_id=model_id)
     poll = pb.PullTaskRequest(session_id=_SESSION_ID, wait_seconds=poll_seconds)
     fetch = pb.DownloadModelRequest(session_id=_SESSION_ID, model_id=model_id)
-    tally = _Tally()
+    tally = _Tally(upload_claim(federation, site, rnd))
 
     def task_id(kind: str) -> str:
         nonlocal next_id
@@ -445,17 +481,11 @@ def round_traffic(
             items = secagg_items()
             metrics = {k: v for k, v in train_metrics.items() if k != NUM_EXAMPLES}
             metrics["secagg.keys"] = bytes(items.advert)
-            tally.upload(stream_size([], task_id=tid, metrics=metrics, config=result_config))
+            tally.upload([], task_id=tid, metrics=metrics, config=result_config)
         elif i < survivors:
             metrics = {NUM_EXAMPLES: examples, **train_metrics}
             tally.upload(
-                stream_size(
-                    arrays,
-                    chunk_bytes=chunk_bytes,
-                    task_id=tid,
-                    metrics=metrics,
-                    config=result_config,
-                )
+                arrays, chunk_bytes=chunk_bytes, task_id=tid, metrics=metrics, config=result_config
             )
     if shape is not None:
         _secagg_stages(tally, shape, dim, rnd, poll, task_id, chunk_bytes, survivors)
@@ -470,7 +500,7 @@ def round_traffic(
             )
             tally.download(fetch, new_model)
             metrics = {NUM_EXAMPLES: examples, **eval_metrics}
-            tally.upload(stream_size([], task_id=tid, metrics=metrics))
+            tally.upload([], task_id=tid, metrics=metrics)
     wait = pb.Task(kind=pb.Task.WAIT)
     beat = pb.HeartbeatRequest(
         session_id=_SESSION_ID, task_id=f"r{rnd}-train-{next_id}", progress=0.1, status="training"
@@ -528,7 +558,7 @@ def _secagg_stages(
             "secagg.boxes": bytes(k * items.box),
             "secagg.commitment": bytes(items.commitment),
         }
-        tally.upload(stream_size([], task_id=tid, metrics=sent))
+        tally.upload([], task_id=tid, metrics=sent)
     # Stage 3 (masked input): the tasks of sites that drop are published, never fetched.
     masked = [ArraySpec("secagg.masked", "<u4", (dim + 1,))]
     stage3 = [task_id("secagg") for _ in range(n)]
@@ -537,7 +567,7 @@ def _secagg_stages(
         record = {**base, "secagg.stage": 3, "secagg.site": i, "secagg.inbox": bytes(k * items.box)}
         tally.unary("PullTask", poll, _task(tid, pb.Task.SECAGG, rnd, "", record))
         bad: dict[str, Scalar] = {"secagg.site": i, "secagg.bad": b""}
-        tally.upload(stream_size(masked, chunk_bytes=chunk_bytes, task_id=tid, metrics=bad))
+        tally.upload(masked, chunk_bytes=chunk_bytes, task_id=tid, metrics=bad)
     # Stage 4 (unmask): each survivor reveals b-shares of its surviving neighbours and
     # s-shares of its dropped ones. SecAgg+: a survivor expects k d / (N - 1) dropped
     # neighbours (the graph is random); full SecAgg: exactly d.
@@ -557,7 +587,7 @@ def _secagg_stages(
             "secagg.b_shares": bytes((k - d) * items.b_share),
             "secagg.s_shares": bytes(d * items.s_share),
         }
-        tally.upload(stream_size([], task_id=tid, metrics=shares))
+        tally.upload([], task_id=tid, metrics=shares)
 
 
 # --------------------------------------------------------------------------- once per site

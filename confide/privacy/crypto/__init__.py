@@ -1,4 +1,5 @@
-"""Confide's cryptography as intents: make a federation CA, issue a kit, revoke, check a peer.
+"""Confide's cryptography as intents: make a federation CA, issue a kit, revoke, check a peer,
+seal a checkpoint, sign and verify an update.
 
 Nothing outside this package handles raw keys: callers get paths, identities and gRPC
 credentials. See :mod:`confide.privacy.crypto.pki` for the certificate formats.
@@ -42,6 +43,23 @@ from confide.privacy.crypto.pki import (
     revoke,
     verify_chain,
 )
+from confide.privacy.crypto.seal import (
+    SealError,
+    SealKey,
+    create_key_file,
+    is_sealed,
+    seal,
+    unseal,
+)
+from confide.privacy.crypto.signing import (
+    SignatureInvalid,
+    StatementInvalid,
+    UpdateSigner,
+    UpdateStatement,
+    new_nonce,
+    sign_update,
+    verify_update,
+)
 
 __all__ = [
     "NAME_RULE",
@@ -66,16 +84,29 @@ __all__ = [
     "PeerNotAllowedError",
     "RevocationList",
     "RevocationListError",
+    "SealError",
+    "SealKey",
+    "SignatureInvalid",
+    "StatementInvalid",
+    "UpdateSigner",
+    "UpdateStatement",
     "authenticate_peer",
+    "create_key_file",
     "identity_uri",
     "init_ca",
+    "is_sealed",
     "issue",
     "list_certificates",
     "load_coordinator",
     "load_identity",
     "load_kit",
+    "new_nonce",
     "peer_identity",
     "reissue_coordinator",
     "revoke",
+    "seal",
+    "sign_update",
+    "unseal",
     "verify_chain",
+    "verify_update",
 ]

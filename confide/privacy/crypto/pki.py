@@ -1375,7 +1375,14 @@ def _field(meta: Mapping[str, Any], key: str, path: Path) -> str:
 def _kit_file(directory: Path, meta: Mapping[str, Any], key: str, default: str, path: Path) -> Path:
     files = meta.get("files")
     name = files.get(key, default) if isinstance(files, dict) else default
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+    # A kit names its files; a name must stay inside the kit folder (no "..", no path,
+    # no NUL byte, which would end in a ValueError when opened).
+    if (
+        not isinstance(name, str)
+        or Path(name).name != name
+        or name in ("", ".", "..")
+        or "\x00" in name
+    ):
         raise KitError(f"{path}: files.{key} must be a plain file name. Fix: {_KIT_FIX}")
     return directory / name
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from confide.config import first_error, fix, load_toml
+from confide.config import first_error, fix, load_toml, no_nul
 from confide.errors import ConfigError
 from confide.privacy.deid.errors import UnknownColumnError
 
@@ -120,6 +120,7 @@ class DeidConfig(BaseModel):
     """The whole ``deid.toml``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _no_nul = field_validator("*")(no_nul)
 
     profile: Profile | None = Field(
         None, json_schema_extra=fix('use "hipaa-safe-harbor" or "gdpr-pseudonymise", or omit it')

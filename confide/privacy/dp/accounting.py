@@ -107,6 +107,12 @@ class DpEvent:
 
     def __post_init__(self) -> None:
         _validate(self)
+        # One type per field, the one the ledger's REAL columns give back: an event that
+        # arrived as JSON with 1 where 1.0 belongs must hash (its uid) the same before and
+        # after it is stored, or the stored row reads as tampered with and every ε of the
+        # ledger fails closed.
+        for name in _REAL_FIELDS:
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,14 +141,21 @@ class DpEvent:
 
 #: DpEvent's fields in order: the ledger's columns and the report's event table.
 EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DpEvent))
+_REAL_FIELDS = ("noise_multiplier", "sample_rate", "clip_norm", "delta", "time")
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    # Events arrive as JSON from sites: an integer must also fit the ledger's 64-bit column.
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range, e.g. 10**400 from JSON
+        return False
 
 
 def _validate(e: DpEvent) -> None:
@@ -176,6 +189,13 @@ def _validate(e: DpEvent) -> None:
         raise InvalidDpEvent("site", e.site, "must be a non-empty string or None")
     if e.note is not None and not isinstance(e.note, str):
         raise InvalidDpEvent("note", e.note, "must be a string or None")
+    for name in ("mechanism", "federation", "site", "note"):
+        text = getattr(e, name)
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, from a "\\ud800" in JSON
+                raise InvalidDpEvent(name, text, "must be valid Unicode text") from None
 
 
 def group_events(events: Iterable[DpEvent]) -> tuple[Group, ...]:

@@ -551,7 +551,7 @@ def events_from_json(text: str) -> list[dict[str, Any]]:
     """Parse an uploaded ``dp.events`` value (a JSON list of event dicts) without trusting it."""
     try:
         data = json.loads(text)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..."
         raise DpPlanError(f"{EVENTS!r} is not JSON: {e}") from None
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise DpPlanError(f"{EVENTS!r} must be a JSON list of events")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#confide/protos/v1/coordinator.proto\x12\nconfide.v1\"\x83\x01\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x05 \x01(\x0cH\x00\x42\x07\n\x05value\"I\n\x0b\x41rrayHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\xc6\x02\n\x08Manifest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06\x61rrays\x18\x02 \x03(\x0b\x32\x17.confide.v1.ArrayHeader\x12\x32\n\x07metrics\x18\x03 \x03(\x0b\x32!.confide.v1.Manifest.MetricsEntry\x12\x30\n\x06\x63onfig\x18\x04 \x03(\x0b\x32 .confide.v1.Manifest.ConfigEntry\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.confide.v1.Scalar:\x02\x38\x01\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.confide.v1.Scalar:\x02\x38\x01\"[\n\x05\x43hunk\x12(\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.confide.v1.ManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\xaf\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08software\x18\x02 \x01(\t\x12?\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0b\x32).confide.v1.JoinRequest.CapabilitiesEntry\x1a\x33\n\x11\x43\x61pabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x05 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x03\";\n\x0fPullTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xbc\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.confide.v1.Task.Kind\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12,\n\x06\x63onfig\x18\x05 \x03(\x0b\x32\x1c.confide.v1.Task.ConfigEntry\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.confide.v1.Scalar:\x02\x38\x01\"U\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\x12\x08\n\x04STOP\x10\x04\x12\n\n\x06SECAGG\x10\x05\"Q\n\x14\x44ownloadModelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\"G\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\"Y\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0b\x63\x61ncel_task\x18\x01 \x01(\x08\"O\n\tSiteError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x05\n\x03\x41\x63k\"\x15\n\x13\x41uditRecordsRequest\"\x1a\n\nAuditChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xd2\x03\n\x0b\x43oordinator\x12\x36\n\x04Join\x12\x17.confide.v1.JoinRequest\x1a\x15.confide.v1.JoinReply\x12\x39\n\x08PullTask\x12\x1b.confide.v1.PullTaskRequest\x1a\x10.confide.v1.Task\x12\x46\n\rDownloadModel\x12 .confide.v1.DownloadModelRequest\x1a\x11.confide.v1.Chunk0\x01\x12<\n\x0cUploadResult\x12\x11.confide.v1.Chunk\x1a\x17.confide.v1.UploadReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.confide.v1.HeartbeatRequest\x1a\x1a.confide.v1.HeartbeatReply\x12\x35\n\x0bReportError\x12\x15.confide.v1.SiteError\x1a\x0f.confide.v1.Ack\x12L\n\x0fGetAuditRecords\x12\x1f.confide.v1.AuditRecordsRequest\x1a\x16.confide.v1.AuditChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#confide/protos/v1/coordinator.proto\x12\nconfide.v1\"\x83\x01\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x05 \x01(\x0cH\x00\x42\x07\n\x05value\"I\n\x0b\x41rrayHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\xc6\x02\n\x08Manifest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06\x61rrays\x18\x02 \x03(\x0b\x32\x17.confide.v1.ArrayHeader\x12\x32\n\x07metrics\x18\x03 \x03(\x0b\x32!.confide.v1.Manifest.MetricsEntry\x12\x30\n\x06\x63onfig\x18\x04 \x03(\x0b\x32 .confide.v1.Manifest.ConfigEntry\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.confide.v1.Scalar:\x02\x38\x01\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.confide.v1.Scalar:\x02\x38\x01\"p\n\x05\x43hunk\x12(\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.confide.v1.ManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\x0cH\x00\x12\x13\n\tsignature\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04part\"\xaf\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08software\x18\x02 \x01(\t\x12?\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0b\x32).confide.v1.JoinRequest.CapabilitiesEntry\x1a\x33\n\x11\x43\x61pabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x05 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x03\";\n\x0fPullTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xbc\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.confide.v1.Task.Kind\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12,\n\x06\x63onfig\x18\x05 \x03(\x0b\x32\x1c.confide.v1.Task.ConfigEntry\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.confide.v1.Scalar:\x02\x38\x01\"U\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\x12\x08\n\x04STOP\x10\x04\x12\n\n\x06SECAGG\x10\x05\"Q\n\x14\x44ownloadModelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\"G\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\"Y\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0b\x63\x61ncel_task\x18\x01 \x01(\x08\"O\n\tSiteError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x05\n\x03\x41\x63k\"\x15\n\x13\x41uditRecordsRequest\"\x1a\n\nAuditChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xd2\x03\n\x0b\x43oordinator\x12\x36\n\x04Join\x12\x17.confide.v1.JoinRequest\x1a\x15.confide.v1.JoinReply\x12\x39\n\x08PullTask\x12\x1b.confide.v1.PullTaskRequest\x1a\x10.confide.v1.Task\x12\x46\n\rDownloadModel\x12 .confide.v1.DownloadModelRequest\x1a\x11.confide.v1.Chunk0\x01\x12<\n\x0cUploadResult\x12\x11.confide.v1.Chunk\x1a\x17.confide.v1.UploadReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.confide.v1.HeartbeatRequest\x1a\x1a.confide.v1.HeartbeatReply\x12\x35\n\x0bReportError\x12\x15.confide.v1.SiteError\x1a\x0f.confide.v1.Ack\x12L\n\x0fGetAuditRecords\x12\x1f.confide.v1.AuditRecordsRequest\x1a\x16.confide.v1.AuditChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,37 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFEST_CONFIGENTRY']._serialized_start=522
   _globals['_MANIFEST_CONFIGENTRY']._serialized_end=587
   _globals['_CHUNK']._serialized_start=589
-  _globals['_CHUNK']._serialized_end=680
-  _globals['_JOINREQUEST']._serialized_start=683
-  _globals['_JOINREQUEST']._serialized_end=858
-  _globals['_JOINREQUEST_CAPABILITIESENTRY']._serialized_start=807
-  _globals['_JOINREQUEST_CAPABILITIESENTRY']._serialized_end=858
-  _globals['_JOINREPLY']._serialized_start=861
-  _globals['_JOINREPLY']._serialized_end=1003
-  _globals['_PULLTASKREQUEST']._serialized_start=1005
-  _globals['_PULLTASKREQUEST']._serialized_end=1064
-  _globals['_TASK']._serialized_start=1067
-  _globals['_TASK']._serialized_end=1383
+  _globals['_CHUNK']._serialized_end=701
+  _globals['_JOINREQUEST']._serialized_start=704
+  _globals['_JOINREQUEST']._serialized_end=879
+  _globals['_JOINREQUEST_CAPABILITIESENTRY']._serialized_start=828
+  _globals['_JOINREQUEST_CAPABILITIESENTRY']._serialized_end=879
+  _globals['_JOINREPLY']._serialized_start=882
+  _globals['_JOINREPLY']._serialized_end=1024
+  _globals['_PULLTASKREQUEST']._serialized_start=1026
+  _globals['_PULLTASKREQUEST']._serialized_end=1085
+  _globals['_TASK']._serialized_start=1088
+  _globals['_TASK']._serialized_end=1404
   _globals['_TASK_CONFIGENTRY']._serialized_start=522
   _globals['_TASK_CONFIGENTRY']._serialized_end=587
-  _globals['_TASK_KIND']._serialized_start=1298
-  _globals['_TASK_KIND']._serialized_end=1383
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1385
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1466
-  _globals['_UPLOADREPLY']._serialized_start=1468
-  _globals['_UPLOADREPLY']._serialized_end=1539
-  _globals['_HEARTBEATREQUEST']._serialized_start=1541
-  _globals['_HEARTBEATREQUEST']._serialized_end=1630
-  _globals['_HEARTBEATREPLY']._serialized_start=1632
-  _globals['_HEARTBEATREPLY']._serialized_end=1669
-  _globals['_SITEERROR']._serialized_start=1671
-  _globals['_SITEERROR']._serialized_end=1750
-  _globals['_ACK']._serialized_start=1752
-  _globals['_ACK']._serialized_end=1757
-  _globals['_AUDITRECORDSREQUEST']._serialized_start=1759
-  _globals['_AUDITRECORDSREQUEST']._serialized_end=1780
-  _globals['_AUDITCHUNK']._serialized_start=1782
-  _globals['_AUDITCHUNK']._serialized_end=1808
-  _globals['_COORDINATOR']._serialized_start=1811
-  _globals['_COORDINATOR']._serialized_end=2277
+  _globals['_TASK_KIND']._serialized_start=1319
+  _globals['_TASK_KIND']._serialized_end=1404
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1406
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1487
+  _globals['_UPLOADREPLY']._serialized_start=1489
+  _globals['_UPLOADREPLY']._serialized_end=1560
+  _globals['_HEARTBEATREQUEST']._serialized_start=1562
+  _globals['_HEARTBEATREQUEST']._serialized_end=1651
+  _globals['_HEARTBEATREPLY']._serialized_start=1653
+  _globals['_HEARTBEATREPLY']._serialized_end=1690
+  _globals['_SITEERROR']._serialized_start=1692
+  _globals['_SITEERROR']._serialized_end=1771
+  _globals['_ACK']._serialized_start=1773
+  _globals['_ACK']._serialized_end=1778
+  _globals['_AUDITRECORDSREQUEST']._serialized_start=1780
+  _globals['_AUDITRECORDSREQUEST']._serialized_end=1801
+  _globals['_AUDITCHUNK']._serialized_start=1803
+  _globals['_AUDITCHUNK']._serialized_end=1829
+  _globals['_COORDINATOR']._serialized_start=1832
+  _globals['_COORDINATOR']._serialized_end=2298
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class CoordinatorStub:
     """Bumped only by incompatible changes; checked at Join.
-    PROTOCOL_VERSION = 2  (2: secure aggregation, task kind SECAGG)
+    PROTOCOL_VERSION = 3  (2: secure aggregation, task kind SECAGG; 3: signed uploads)
 
     """
 
@@ -76,7 +76,7 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """Bumped only by incompatible changes; checked at Join.
-    PROTOCOL_VERSION = 2  (2: secure aggregation, task kind SECAGG)
+    PROTOCOL_VERSION = 3  (2: secure aggregation, task kind SECAGG; 3: signed uploads)
 
     """
 
@@ -179,7 +179,7 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Bumped only by incompatible changes; checked at Join.
-    PROTOCOL_VERSION = 2  (2: secure aggregation, task kind SECAGG)
+    PROTOCOL_VERSION = 3  (2: secure aggregation, task kind SECAGG; 3: signed uploads)
 
     """
 
