@@ -352,13 +352,7 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
             sent on this very stream. A DER signature is 70-72 bytes: ``expected`` is exact
             to those few bytes."""
             sent = 0
-            signer = UpdateSigner(
-                kit,
-                federation=kit.federation,
-                round=rnd,
-                task_id=upload_payload.task_id,
-                site=kit.identity,
-            )
+            signer = UpdateSigner.for_task(kit, rnd, upload_payload.task_id)
 
             def counted() -> Iterator[bytes]:
                 nonlocal sent
@@ -398,13 +392,7 @@ def throughput_client(spec: dict[str, Any]) -> dict[str, Any]:
             chunk = mb * MiB
             # What the coordinator should report reading: the same stream (to the signature's
             # length, 70-72 bytes).
-            signer = UpdateSigner(
-                kit,
-                federation=kit.federation,
-                round=rnd,
-                task_id=upload_payload.task_id,
-                site=kit.identity,
-            )
+            signer = UpdateSigner.for_task(kit, rnd, upload_payload.task_id)
             expected = sum(len(c) for c in wire.frames(upload_payload, chunk, signer=signer))
             pieces = [raw_data[i : i + chunk] for i in range(0, len(raw_data), chunk)]
             times: dict[str, list[float]] = {k: [] for k in ("cd", "rd", "cu", "ru")}

@@ -358,9 +358,7 @@ def test_a_client_on_the_generated_stubs_interoperates_with_the_raw_frame_servic
     kit = load_kit(fed.kit("site-1"))
 
     def signer(task: pb.Task) -> UpdateSigner:  # every upload is signed (protocol 3)
-        return UpdateSigner(
-            kit, federation=kit.federation, round=task.round, task_id=task.task_id, site="site-1"
-        )
+        return UpdateSigner.for_task(kit, task.round, task.task_id)
 
     with running_coordinator(fed) as (coordinator, _codes):
         creds = kit.channel_credentials()

@@ -241,6 +241,11 @@ class UpdateSigner:
     site: str
     nonce: bytes = field(default_factory=new_nonce, repr=False)
 
+    @classmethod
+    def for_task(cls, kit: Kit, round: int, task_id: str) -> UpdateSigner:
+        """The signer of a site's own upload for a task: its kit's federation and identity."""
+        return cls(kit, federation=kit.federation, round=round, task_id=task_id, site=kit.identity)
+
     @property
     def record(self) -> dict[str, RecordValue]:
         return {
