@@ -447,7 +447,7 @@ def test_stop_ends_a_long_poll_promptly(pki: Pki, coordinator: Callable[[Script]
     threading.Timer(0.5, agent.stop, args=(143,)).start()
     started = time.monotonic()
     assert _run(agent) == 143
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # not the 30 s poll: stop cut it short
 
 
 # --------------------------------------------------------------------------- configuration

@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         "dp_accuracy.py",
         "sim_scale.py",  # N = 30: Flower's simulation, Confide on Ray and in process
         "sim_estimate.py",
+        "accountant.py",
     ],
 )
 def test_benchmark_quick_run_prints_a_table_and_writes_json(script: str, tmp_path: Path) -> None:

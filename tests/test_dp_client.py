@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -383,9 +382,7 @@ def check_solution(z: float, target: float, eps: Any) -> None:
 @accountant_warnings
 @pytest.mark.parametrize(("target", "rounds"), [(3.0, 50), (8.0, 1000), (0.5, 1)])
 def test_noise_multiplier_for_hits_the_target(target: float, rounds: int) -> None:
-    start = time.perf_counter()
     z = noise_multiplier_for(target, 1e-5, rounds)
-    assert time.perf_counter() - start < 5.0
 
     def eps(x: float) -> float:
         ev = DpEvent("dp-fedavg", x, 1.0, rounds, 1.0, 1e-5, 1, "-", 0, 0.0)
@@ -399,9 +396,7 @@ def test_noise_multiplier_for_hits_the_target(target: float, rounds: int) -> Non
 def test_solve_noise_multiplier_for_dp_sgd_hits_the_target(
     target: float, q: float, steps: int
 ) -> None:
-    start = time.perf_counter()
     sigma = solve_noise_multiplier(target, 1e-5, q, steps)
-    assert time.perf_counter() - start < 5.0
 
     def eps(x: float) -> float:
         return epsilon([DpEvent("dp-sgd", x, q, steps, 1.0, 1e-5, 1, "-", 0, 0.0)], 1e-5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import random
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -159,7 +158,9 @@ def test_fast_composition_is_opacus_prv_accountant() -> None:
     assert epsilon(events, DELTA) == pytest.approx(want, rel=1e-6)
 
 
-def test_two_hundred_events_are_accounted_fast() -> None:
+def test_two_hundred_events_accounted_across_federations() -> None:
+    """A long history: PRV below RDP, a projected round above the spent ε (speed: the
+    ``benchmarks/accountant.py`` table)."""
     events = [
         ev(
             random.Random(i).choice([0.8, 0.9, 1.0, 1.1, 1.2, 1.5]),
@@ -170,22 +171,11 @@ def test_two_hundred_events_are_accounted_fast() -> None:
         )
         for i in range(200)
     ]
-    acc._epsilon_cached.cache_clear()
-    acc._rdp_per_step.cache_clear()
-    t = time.perf_counter()
     prv = epsilon(events, DELTA)
-    cold = time.perf_counter() - t
     rdp = epsilon(events, DELTA, "rdp")
-    t = time.perf_counter()  # the next round's check: RDP curves cached, PRV recomposed
     projected = projected_epsilon(events, [ev(1.0, 0.01, 20, rnd=200)], DELTA)
-    warm = time.perf_counter() - t
-    groups = len(acc.group_events(events))
-    print(
-        f"\n200 events, {groups} (σ, q) groups: PRV={prv:.4f} in {cold:.2f}s cold, "
-        f"projected {projected:.4f} in {warm:.2f}s warm; RDP={rdp:.4f}"
-    )
+    assert len(acc.group_events(events)) < 200  # repeated (σ, q) pairs are composed together
     assert prv < projected and rdp >= prv
-    assert cold < 30 and warm < 15  # a report / a round check; measured well under that
 
 
 # --- composition and persistence --------------------------------------------------------------
