@@ -40,9 +40,7 @@ Everything runs on 127.0.0.1 with real mutual TLS, made by the project's own PKI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import functools
 import json
 import logging
 import os
@@ -56,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,16 +62,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Light imports only at the top: the throughput client process needs neither torch nor flwr.
 import grpc
 import numpy as np
+from _federation import (  # shared with load.py: PKI, config, models, site agents
+    MODEL_1M,
+    MODEL_10M,
+    AgentLog,
+    AgentProcs,
+    AgentThreads,
+    background,
+    federation_config,
+    load_average,
+    make_pki,
+    print_environment,
+)
 
 from confide import wire
-from confide.privacy.crypto import UpdateSigner, init_ca, issue, load_kit
+from confide.privacy.crypto import UpdateSigner, load_kit
 from confide.protos.v1 import PROTOCOL_VERSION
 from confide.protos.v1 import coordinator_pb2 as pb
 from confide.rpc import CoordinatorClient
 from confide.tuning import keep_large_buffers
 
-MODULE = Path(__file__).stem  # the model factories below are loaded as "transport:..."
-FED = "bench"
 MiB = 1024 * 1024
 MB = 1e6
 TARGET_MB_S = 300.0  # with 4 MiB chunks
@@ -90,43 +98,7 @@ RPC_TIMEOUT = 120.0
 # --------------------------------------------------------------------------- models, app
 
 
-def linear_1m() -> Any:
-    """1,001,000 float32 parameters (4.0 MB)."""
-    from torch import nn
-
-    return nn.Linear(1000, 1000)
-
-
-def linear_10m() -> Any:
-    """10,001,000 float32 parameters (40.0 MB)."""
-    from torch import nn
-
-    return nn.Linear(10_000, 1000)
-
-
-FACTORIES = {1: "linear_1m", 10: "linear_10m"}
-
-
-@functools.cache
-def echo_app() -> Any:
-    """A Flower ClientApp that trains nothing: it echoes the arrays, with num-examples = 1."""
-    from flwr.app import Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        arrays = next(iter(msg.content.array_records.values()))
-        reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
-        return Message(reply, reply_to=msg)
-
-    @app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        metrics = MetricRecord({"num-examples": 1, "eval_loss": 0.0, "eval_accuracy": 0.0})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
+FACTORIES = {1: MODEL_1M, 10: MODEL_10M}
 
 
 def med(xs: Sequence[float]) -> float:
@@ -134,41 +106,6 @@ def med(xs: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- coordinator
-
-
-def federation_config(
-    coordinator_dir: Path,
-    state_dir: Path,
-    *,
-    model: str,
-    sites: int,
-    rounds: int,
-    eval_fraction: float,
-    long_lived: bool = False,
-) -> Any:
-    from confide.server.config import FederationConfig
-
-    deadline = 3600.0 if long_lived else 120.0
-    return FederationConfig(
-        federation={"name": FED, "model": model, "rounds": rounds, "seed": 0},
-        selection={
-            "min_sites": sites,
-            "fraction": 1.0,
-            "deadline_seconds": deadline,
-            "max_attempts": 1,
-            "wait_for_sites_seconds": 180.0,
-        },
-        evaluation={"fraction": eval_fraction, "deadline_seconds": deadline},
-        server={
-            "address": "127.0.0.1:0",
-            "coordinator_dir": coordinator_dir,
-            "state_dir": state_dir,
-            "chunk_mb": 4.0,
-            "heartbeat_seconds": 1.0,
-            "site_timeout_seconds": deadline if long_lived else 30.0,
-            "max_poll_seconds": 2.0,
-        },
-    )
 
 
 class Served:
@@ -255,7 +192,7 @@ class RawServer:
             },
         )
         self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+        self.port = int(self.server.add_secure_port("127.0.0.1:0", credentials))
 
     def pieces(self, chunk: int) -> list[bytes]:
         with self._lock:
@@ -443,7 +380,7 @@ def run_throughput(
         cfg = federation_config(
             coordinator_dir,
             tmp / f"throughput-{params_m}m",
-            model=f"{MODULE}:{FACTORIES[params_m]}",
+            model=FACTORIES[params_m],
             sites=1,
             rounds=1,
             eval_fraction=0.0,
@@ -503,185 +440,6 @@ def _client_process(spec: dict[str, Any], spec_path: Path) -> dict[str, Any]:
         raise RuntimeError(f"throughput client failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
-
-
-# --------------------------------------------------------------------------- site agents
-
-
-class AgentLog(logging.Handler):
-    """Collects the agents' own per-task timings (their `downloaded`/`uploaded`/... events)."""
-
-    EVENTS: ClassVar[dict[str, str]] = {
-        "downloaded": "download",
-        "trained": "app",
-        "evaluated": "app",
-        "uploaded": "upload",
-    }
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.timings: dict[str, list[float]] = {v: [] for v in self.EVENTS.values()}
-        self.problems: list[str] = []
-        self.late_cancels = 0
-        self._guard = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "event", "")
-        fields = getattr(record, "fields", {})
-        with self._guard:
-            if event in self.EVENTS and "seconds" in fields:
-                self.timings[self.EVENTS[event]].append(float(fields["seconds"]))
-            if event == "cancelled":  # a heartbeat answered after the phase closed: benign
-                self.late_cancels += 1
-            elif record.levelno >= logging.WARNING or event == "rejected":
-                self.problems.append(f"{event}: {record.getMessage()}")
-
-    def install(self) -> None:
-        logger = logging.getLogger("confide.site")
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        logger.addHandler(self)
-
-    def uninstall(self) -> None:
-        logging.getLogger("confide.site").removeHandler(self)
-
-
-class AgentThreads:
-    """SiteAgents, each in a thread; bounded waits, always stoppable."""
-
-    def __init__(self, kit_dirs: Sequence[Path], address: str, first_index: int, total: int):
-        from confide.client.agent import AgentSettings, SiteAgent, SiteConfig
-
-        self.agents = [
-            SiteAgent(
-                load_kit(k),
-                SiteConfig(
-                    app=f"{MODULE}:echo_app",
-                    coordinator=address,
-                    node_config={"partition-id": first_index + i, "num-partitions": total},
-                    agent=AgentSettings(
-                        poll_seconds=2.0, max_backoff_seconds=2.0, transfer_timeout_seconds=120.0
-                    ),
-                ),
-                app=echo_app(),
-            )
-            for i, k in enumerate(kit_dirs)
-        ]
-        self.codes: list[Any] = [None] * len(self.agents)
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for i in range(len(self.agents)):
-            t = threading.Thread(target=self._run, args=(i,), name=f"bench-site-{i}", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _run(self, i: int) -> None:
-        try:
-            self.codes[i] = self.agents[i].run(max_attempts=5)
-        except Exception as e:
-            self.codes[i] = f"{type(e).__name__}: {e}"
-
-    def wait(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in self.threads)
-
-    def stop(self) -> None:
-        for a in self.agents:
-            a.stop(0)
-        self.wait(10.0)
-
-
-def agent_host(spec_path: str) -> int:
-    """Helper process: runs a group of SiteAgents in threads, prints a JSON summary."""
-    spec = json.loads(Path(spec_path).read_text())
-    log = AgentLog()
-    log.install()
-    agents = AgentThreads(
-        [Path(k) for k in spec["kits"]], spec["address"], spec["first"], spec["total"]
-    )
-    cpu_start = time.process_time()  # after the imports and kit loading
-    agents.start()
-    finished = agents.wait(spec["deadline"])
-    if not finished:
-        agents.stop()
-    print(
-        json.dumps(
-            {
-                "finished": finished,
-                "codes": agents.codes,
-                "timings": log.timings,
-                "problems": log.problems[:20],
-                "late_cancels": log.late_cancels,
-                "cpu_seconds": time.process_time() - cpu_start,
-            }
-        ),
-        flush=True,
-    )
-    return 0
-
-
-class AgentProcs:
-    """SiteAgents spread over a few helper processes started (and always ended) by us."""
-
-    def __init__(
-        self, kit_dirs: Sequence[Path], address: str, procs: int, tmp: Path, deadline: float
-    ):
-        self.specs = []
-        groups = [list(range(i, len(kit_dirs), procs)) for i in range(procs)]
-        for g, idx in enumerate(g for g in groups if g):
-            spec = {
-                "kits": [str(kit_dirs[i]) for i in idx],
-                "first": idx[0],
-                "total": len(kit_dirs),
-                "address": address,
-                "deadline": deadline,
-            }
-            path = tmp / f"agents-{g}.json"
-            path.write_text(json.dumps(spec))
-            self.specs.append(path)
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        for spec in self.specs:
-            out = spec.with_suffix(".out")
-            with out.open("wb") as stdout, spec.with_suffix(".err").open("wb") as stderr:
-                p = subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve()), "--agent-host", str(spec)],
-                    stdout=stdout,
-                    stderr=stderr,
-                    env=env,
-                    start_new_session=True,
-                )
-            self.procs.append((p, out))
-
-    def wait(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        for p, _ in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-        return all(p.poll() is not None for p, _ in self.procs)
-
-    def stop(self) -> None:
-        for p, _ in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p, _ in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-
-    def results(self) -> list[dict[str, Any]]:
-        out = []
-        for _, path in self.procs:
-            lines = path.read_text().strip().splitlines()
-            out.append(json.loads(lines[-1]) if lines else {"finished": False, "codes": []})
-        return out
 
 
 # --------------------------------------------------------------------------- round overhead
@@ -804,7 +562,7 @@ class ThreadProfiles:
         threading.setprofile(self._boot)
 
     def uninstall(self) -> None:
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
 
     def top(self, n: int) -> dict[str, list[dict[str, Any]]]:
         with self._lock:
@@ -865,7 +623,7 @@ def run_federation(
     cfg = federation_config(
         coordinator_dir,
         work / "state",
-        model=f"{MODULE}:linear_1m",
+        model=MODEL_1M,
         sites=sites,
         rounds=rounds,
         eval_fraction=eval_fraction,
@@ -886,7 +644,7 @@ def run_federation(
         address = f"127.0.0.1:{port}"
         if mode == "threads":
             agent_log.install()
-            threads = AgentThreads(kits[:sites], address, 0, sites)
+            threads = AgentThreads(kits[:sites], address, range(sites), sites)
             threads.start()
         else:
             procs = AgentProcs(kits[:sites], address, agent_procs, work, deadline=budget)
@@ -957,39 +715,6 @@ def run_federation(
     return result
 
 
-# --------------------------------------------------------------------------- environment
-
-
-def background() -> list[str]:
-    """Other busy processes on the machine (a concurrent benchmark skews every figure)."""
-    try:
-        out = subprocess.run(
-            ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.splitlines()[1:]
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    mine = {os.getpid()}
-    busy = []
-    for line in out:
-        parts = line.split(None, 3)
-        if len(parts) < 4 or int(parts[0]) in mine or "ps -eo" in parts[3]:
-            continue
-        if float(parts[1]) >= 10.0:
-            busy.append(f"pid {parts[0]} {parts[1]}% cpu, up {parts[2]}: {parts[3][:110]}")
-    return busy
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1014,14 +739,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: seconds")
     p.add_argument("--json", default=None)
     p.add_argument("--throughput-client", help=argparse.SUPPRESS)
-    p.add_argument("--agent-host", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.throughput_client:
         spec = json.loads(Path(args.throughput_client).read_text())
         print(json.dumps(throughput_client(spec)), flush=True)
         return 0
-    if args.agent_host:
-        return agent_host(args.agent_host)
     if args.quick:
         args.repeats, args.sizes, args.chunks = 2, [1], [1, 4]
         args.sites, args.rounds, args.eval, args.agents = [3], 2, [0.0], ["threads"]
@@ -1035,10 +757,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="confide-transport-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
-        init_ca(tmp / "pki", FED)
-        kits = [issue(tmp / "pki", f"site-{i:03d}", "site") for i in range(n_kits)]
+        coordinator_dir, kits = make_pki(tmp / "pki", n_kits)
         pki_s = time.perf_counter() - t0
-        coordinator_dir = tmp / "pki" / "coordinator"
 
         throughput: list[dict[str, Any]] = []
         if not args.skip_throughput:
@@ -1078,9 +798,7 @@ def main() -> int:
     busy_after, load_after = background(), load_average()
 
     print(f"PKI: CA + {n_kits} site kits in {pki_s:.1f} s (temporary folder, mutual TLS)")
-    print(f"load average before {load_before}, after {load_after} ({os.cpu_count()} cores)")
-    for line in sorted(set(busy_before + busy_after)):
-        print(f"  also running: {line}")
+    print_environment(load_before, load_after, busy_before, busy_after)
     where = "in this process" if args.client_in_process else "in its own process"
     for t in throughput:
         print_table(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -24,6 +25,7 @@ from confide.server.config import FederationConfig
 from confide.server.coordinator import Coordinator
 
 FED = "testfed"
+TESTS = Path(__file__).resolve().parent
 
 
 def _toml_value(v: Any) -> str:
@@ -106,21 +108,40 @@ class Federation:
         self.threads.append(t)
         return t
 
-    def site_process(self, name: str, pid: int, num: int) -> subprocess.Popen[str]:
-        cfg = write_toml(self.root / f"{name}.toml", self.site_doc(pid, num))
+    def site_process(
+        self,
+        name: str,
+        pid: int,
+        num: int,
+        *,
+        app: str | None = None,
+        hold_stage: int | None = None,
+    ) -> subprocess.Popen[str]:
+        """A real ``confide site start`` process (stdout and stderr merged, text).
+
+        ``app``: a ClientApp spec importable from this folder (e.g.
+        ``"federation_helpers:offset_client_app"``) instead of the MNIST app.
+        ``hold_stage``: the process stops before sending its message of that
+        secure-aggregation stage (see :func:`hold_secagg_upload`), for a test to kill it there.
+        """
+        doc = self.site_doc(pid, num)
+        args = ["site", "start", "--kit", str(self.kit(name))]
+        if app is not None:
+            doc["app"] = app
+            args += ["--app-dir", str(TESTS)]
+        args += ["--config", str(write_toml(self.root / f"{name}.toml", doc))]
+        if hold_stage is None:
+            command = [sys.executable, "-m", "confide.cli", *args]
+        else:
+            bootstrap = (
+                f"import sys; sys.path.insert(0, {str(TESTS)!r}); import federation_helpers; "
+                f"federation_helpers.hold_secagg_upload({int(hold_stage)}); "
+                "from confide.cli import main; sys.exit(main(sys.argv[1:]))"
+            )
+            command = [sys.executable, "-c", bootstrap, *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "confide.cli",
-                "site",
-                "start",
-                "--kit",
-                str(self.kit(name)),
-                "--config",
-                str(cfg),
-            ],
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -188,12 +209,25 @@ def make_federation(
 
 
 @contextmanager
-def running_coordinator(fed: Federation) -> Iterator[tuple[Coordinator, list[int]]]:
-    """A coordinator serving in this process, its run loop in a thread; always shut down."""
+def running_coordinator(
+    fed: Federation, *, start_with: int = 0, start_timeout: float = 120.0
+) -> Iterator[tuple[Coordinator, list[int]]]:
+    """A coordinator serving in this process, its run loop in a thread; always shut down.
+
+    ``start_with``: the run loop starts once that many sites are connected (at most
+    ``start_timeout`` seconds later), so that the rounds themselves can have a short
+    ``selection.wait_for_sites_seconds`` (a retry after an aborted attempt).
+    """
     coordinator = Coordinator(fed.config())
     coordinator.start()
     codes: list[int] = []
-    loop = threading.Thread(target=lambda: codes.append(coordinator.run()), daemon=True)
+
+    def run() -> None:
+        if start_with:
+            coordinator.board.wait_for_sites(start_with, start_timeout, coordinator.stop_event)
+        codes.append(coordinator.run())
+
+    loop = threading.Thread(target=run, daemon=True)
     loop.start()
     try:
         yield coordinator, codes
@@ -227,6 +261,59 @@ def offset_app() -> ClientApp:
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
+
+
+offset_client_app = offset_app()  # the spec "federation_helpers:offset_client_app"
+
+
+def large_model() -> torch.nn.Module:
+    """16 MiB of weights: more than HTTP/2 flow control lets through to a peer not reading."""
+    return torch.nn.Linear(2048, 2048)
+
+
+HOLD_MARK = "TEST HOLD:"
+
+
+def hold_secagg_upload(stage: int, seconds: float = 300.0) -> None:
+    """Make this process's site agents stop just before sending their message of secure-
+    aggregation ``stage`` (1: the training result, which carries the keys): print
+    ``HOLD_MARK`` and wait there (heartbeats go on), so a test can kill the process inside
+    that stage. Only the timing changes; what the agent computes and sends does not."""
+    from confide import wire
+    from confide.protos.v1 import coordinator_pb2 as pb
+
+    upload = SiteAgent._upload
+
+    def held(self: SiteAgent, task: pb.Task, payload: wire.Payload) -> None:
+        config = wire.decode_records(task.config)
+        at = 1 if task.kind == pb.Task.TRAIN else config.get("secagg.stage")
+        if "secagg.site" in config and at == stage:
+            print(f"{HOLD_MARK} round {task.round} stage {stage}", flush=True)
+            time.sleep(seconds)
+        upload(self, task, payload)
+
+    SiteAgent._upload = held  # type: ignore[method-assign]
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
+    """Read ``proc``'s output (in a thread, to its end) until a line holds ``needle``; the
+    lines so far. After ``timeout`` seconds the process is killed and the test fails with
+    its last lines."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if needle in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        proc.kill()
+        raise AssertionError(f"{needle!r} not seen in {timeout} s:\n" + "".join(lines[-30:]))
+    return lines
 
 
 def wait_for(cond: Any, timeout: float, what: str) -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from federation_helpers import make_federation, running_coordinator, wait_for
+from federation_helpers import make_federation, running_coordinator, wait_for, wait_for_line
 
 from confide.client.agent import CoordinatorUnreachable, SiteAgent, SiteRefused, load_app
 from confide.privacy.crypto import init_ca, issue, load_kit, revoke
@@ -121,24 +119,6 @@ def test_protocol_version_is_checked_at_join(tmp_path: Path) -> None:
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if needle in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(timeout):
-        proc.kill()
-        raise AssertionError(f"{needle!r} not seen in {timeout} s:\n" + "".join(lines[-30:]))
-    return lines
-
-
 @pytest.mark.parametrize("min_sites", [2, 3])
 def test_a_site_killed_mid_round(tmp_path: Path, min_sites: int) -> None:
     fed = make_federation(
@@ -154,7 +134,7 @@ def test_a_site_killed_mid_round(tmp_path: Path, min_sites: int) -> None:
         with running_coordinator(fed) as (_coordinator, codes):
             for i, name in enumerate(("site-1", "site-2")):
                 fed.start_agent(fed.agent(name, i, 3, **{"max-samples-per-site": 1500}))
-            _wait_for_line(victim, "train task", 120)
+            wait_for_line(victim, "train task", 120)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
             wait_for(lambda: codes, 120, "the round to end")

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -146,6 +146,27 @@ class _SecAggRound:
     client: SecAggClient
     update: npt.NDArray[np.float64]
     examples: int
+
+
+@dataclass
+class _Release:
+    """The site's last DP release, kept (in memory) so that the same round asked again on
+    the same global model (a restarted coordinator resuming from its checkpoint, or a
+    retried round) gets the same release back instead of a second training run: sending it
+    again is post-processing, so no new ε is spent and the ledger counts the round once.
+
+    Not reused once its masked input left the site in a secure-aggregation session: two
+    sessions summing the same inputs over different survivors would difference to one
+    site's update; that round is trained afresh and recorded as the release it is.
+    """
+
+    plan: dpfed.DpPlan
+    model_id: str
+    payload: wire.Payload
+    masked_sent: bool = False
+
+    def serves(self, plan: dpfed.DpPlan, model_id: str) -> bool:
+        return not self.masked_sent and self.plan == plan and self.model_id == model_id
 
 
 class _Stopped(Exception):
@@ -555,6 +576,7 @@ class SiteAgent:
         self._failures = 0
         self._last_error = ""
         self._secagg: _SecAggRound | None = None
+        self._released: _Release | None = None
         self._run_config: dict[str, UserValue] = dict(config.run_config)
         self.deid_report: dict[str, Any] | None = None
         self.privacy = SitePrivacy(
@@ -936,7 +958,12 @@ class SiteAgent:
             )
 
     def _do_task(self, task: pb.Task, train: bool, heartbeat: _Heartbeat) -> None:
-        plan = self._dp_admit(task) if train else None
+        plan = self._dp_plan(task) if train else None
+        reuse = self._released
+        if plan is None or reuse is None or not reuse.serves(plan, task.model_id):
+            reuse = None
+        if plan is not None and reuse is None:
+            self._dp_admit(plan)
         heartbeat.set("downloading", 0.0)
         started = time.monotonic()
         model = self._download(task)
@@ -950,15 +977,30 @@ class SiteAgent:
         )
         if heartbeat.cancelled.is_set():
             return
-        heartbeat.set("training" if train else "evaluating", 0.1)
         started = time.monotonic()
-        reply = self._call_app(self._instruction(task, train, model))
-        payload = self._result(task, train, model, reply)
-        if plan is not None:
-            try:
-                payload, _ = self.privacy.release(plan, model, payload)
-            except RoundRefused as e:
-                raise _TaskFailed(e.code, str(e)) from None
+        if reuse is not None:
+            payload = replace(reuse.payload, task_id=task.task_id)
+            self._record_audit(
+                "release_resent",
+                {"round": int(task.round), "model_id": task.model_id, "new_epsilon": 0},
+            )
+            _event(
+                "release_resent",
+                f"round {task.round}: this site already released its update for model "
+                f"{task.model_id}; the same release is sent again (no new training, no new ε)",
+                task_id=task.task_id,
+                round=task.round,
+            )
+        else:
+            heartbeat.set("training" if train else "evaluating", 0.1)
+            reply = self._call_app(self._instruction(task, train, model))
+            payload = self._result(task, train, model, reply)
+            if plan is not None:
+                try:
+                    payload, _ = self.privacy.release(plan, model, payload)
+                except RoundRefused as e:
+                    raise _TaskFailed(e.code, str(e)) from None
+                self._released = _Release(plan, task.model_id, payload)
         seconds = time.monotonic() - started
         _event(
             "trained" if train else "evaluated",
@@ -983,19 +1025,23 @@ class SiteAgent:
         self._upload(task, payload)
         heartbeat.set("done", 1.0)
 
-    def _dp_admit(self, task: pb.Task) -> dpfed.DpPlan | None:
-        """The round's DP plan, admitted against the site's budget (fail closed)."""
+    def _dp_plan(self, task: pb.Task) -> dpfed.DpPlan | None:
+        """The round's DP plan (None: a round without DP, if the site allows that)."""
         try:
             config = wire.decode_records(task.config)
         except wire.WireError as e:
             raise _TaskFailed("TASK_FAILED", f"the task's config is malformed: {e}") from None
         try:
-            plan = self.privacy.plan(config, int(task.round))
-            if plan is not None:
-                self.privacy.admit(plan)
+            return self.privacy.plan(config, int(task.round))
         except RoundRefused as e:
             raise _TaskFailed(e.code, str(e)) from None
-        return plan
+
+    def _dp_admit(self, plan: dpfed.DpPlan) -> None:
+        """Admit a new release against the site's budget (fail closed)."""
+        try:
+            self.privacy.admit(plan)
+        except RoundRefused as e:
+            raise _TaskFailed(e.code, str(e)) from None
 
     # --- secure aggregation (confide.privacy.secagg) --------------------------------------
 
@@ -1055,6 +1101,8 @@ class SiteAgent:
                 )
                 msg, names, arrays = masked, ["secagg.masked"], [masked.vector]
                 state.update = np.zeros(0)  # the plain update is no longer needed
+                if self._released is not None and self._released.plan.round == task.round:
+                    self._released.masked_sent = True  # (marked before the upload starts)
             elif stage == 4:
                 msg = state.client.unmask(secagg_fl.request_from_record(config))
                 self._secagg = None

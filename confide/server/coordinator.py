@@ -493,13 +493,19 @@ class Coordinator:
                 continue
             outcome = None
             if secure is not None:
+                dropped: dict[str, str] = {}  # kept when the protocol aborts: who and why
                 try:
-                    outcome = self._secure_aggregate(rnd, secure, chosen, phase)
+                    outcome = self._secure_aggregate(rnd, secure, chosen, phase, dropped)
                 except SecAggAborted as e:
+                    if self.stop_event.is_set():  # stopped mid-protocol: not a failed round
+                        self.store.round_finished(
+                            rnd, attempt, "interrupted", failures=phase.failures
+                        )
+                        return True
                     log.warning(
                         "round %d attempt %d: secure aggregation aborted: %s", rnd, attempt, e
                     )
-                    failures = {**phase.failures, "secure aggregation": str(e)}
+                    failures = {**phase.failures, **dropped, "secure aggregation": str(e)}
                     self.store.round_finished(
                         rnd, attempt, "failed", succeeded=sorted(phase.results), failures=failures
                     )
@@ -658,18 +664,23 @@ class Coordinator:
         return summary
 
     def _secure_aggregate(
-        self, rnd: int, cfg: SecAggConfig, chosen: list[str], train: Phase
+        self,
+        rnd: int,
+        cfg: SecAggConfig,
+        chosen: list[str],
+        train: Phase,
+        failures: dict[str, str],
     ) -> _Secure:
         """Stages 2-4 of SecAgg+ after the TRAIN phase (stage 1: the sites' public keys).
 
         Each stage is a phase of SECAGG tasks with its own deadline; a site that misses
-        one, or sends something the protocol refuses, counts as dropped from then on.
+        one, or sends something the protocol refuses, counts as dropped from then on; its
+        reason goes into ``failures``, the caller's, so an aborted round names it too.
         The coordinator only ever holds masked vectors and, at the end, their sum.
         """
         ids = {site: i + 1 for i, site in enumerate(chosen)}
         names = {i: site for site, i in ids.items()}
         server = SecAggServer(cfg)
-        failures: dict[str, str] = {}
 
         def feed(phase: Phase, add: Callable[[Payload], None]) -> None:
             for site, payload in sorted(phase.results.items()):
@@ -714,6 +725,12 @@ class Coordinator:
             masked,
             lambda p: server.add_masked(secagg_fl.masked_from_record(p.metrics, p.arrays[0])),
         )
+        masked_in = len(server.survivors())
+        if masked_in < self.cfg.selection.min_sites:  # (the protocol's own floor is t)
+            raise SecAggAborted(
+                f"only {masked_in} sites sent a valid masked input; selection.min_sites is "
+                f"{self.cfg.selection.min_sites}, so their sum is not unmasked"
+            )
         requests = server.unmask_requests()
         unmasked = stage(4, {i: secagg_fl.to_record(r) for i, r in requests.items()})
         replies: list[UnmaskReply] = []

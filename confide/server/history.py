@@ -90,7 +90,7 @@ class History:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.write_text(json.dumps(self.to_dict()))  # C encoder: rewritten every round
         tmp.replace(path)  # atomic: a crash never leaves half a history behind
 
     @classmethod

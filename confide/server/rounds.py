@@ -290,6 +290,13 @@ class RoundBoard:
                 )
             return task
 
+    def transfer_deadline(self) -> float | None:
+        """Unix time after which no stream can serve the open phase (its deadline: a result
+        after it is LATE); None when no phase is open."""
+        with self._cv:
+            phase = self._phase
+            return None if phase is None or phase.closed else phase.deadline
+
     def current_round(self) -> int | None:
         """The round of the latest phase published (open or closed); None before any."""
         with self._cv:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NoReturn
@@ -92,6 +93,29 @@ class CoordinatorService:
             raise AssertionError("unreachable")
         return session
 
+    def _bound_stream(self, context: grpc.ServicerContext, method: str, site: str) -> None:
+        """Cancel this stream once it can no longer serve the round.
+
+        A peer that stops reading a model or stops sending a result, with no deadline of
+        its own, would otherwise hold a server thread until the coordinator stops (enough
+        such streams and no site is served at all). A stream lives until the open phase's
+        deadline, since a result after it is LATE anyway, and at least the site timeout.
+        """
+        deadline = self.board.transfer_deadline()
+        limit = max(
+            self.c.cfg.server.site_timeout_seconds,
+            0.0 if deadline is None else deadline - time.time(),
+        )
+
+        def expire() -> None:
+            log.warning("%s of %s cancelled: unfinished after %.1f s", method, site, limit)
+            context.cancel()
+
+        timer = threading.Timer(limit, expire)
+        timer.daemon = True
+        if context.add_callback(timer.cancel):  # False: the call is over already
+            timer.start()
+
     # --- calls -------------------------------------------------------------------------
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -155,6 +179,7 @@ class CoordinatorService:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_id!r} (round over)")
             return
         chunks, _ = found
+        self._bound_stream(context, "DownloadModel", ident.identity)
         yield from chunks
 
     def UploadResult(
@@ -165,6 +190,7 @@ class CoordinatorService:
         if session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; join again")
             raise AssertionError("unreachable")
+        self._bound_stream(context, "UploadResult", ident.identity)
         counted = StreamStats()
         payload: Payload | None = None
         try:
