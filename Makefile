@@ -61,6 +61,8 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fedavg_shakespeare.py --json benchmarks/results/fedavg_shakespeare.json
 	$(BIN)/python benchmarks/dp_accuracy.py --json benchmarks/results/dp_accuracy.json
 	$(BIN)/python benchmarks/sim_scale.py --json benchmarks/results/sim_scale.json
+	$(BIN)/python benchmarks/accountant.py --json benchmarks/results/accountant.json
+	$(BIN)/python benchmarks/load.py --json benchmarks/results/load.json
 
 bench-smoke: $(DEV_STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --quick
@@ -68,6 +70,8 @@ bench-smoke: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fedavg_shakespeare.py --quick
 	$(BIN)/python benchmarks/dp_accuracy.py --quick
 	$(BIN)/python benchmarks/sim_scale.py --quick
+	$(BIN)/python benchmarks/accountant.py --quick
+	$(BIN)/python benchmarks/load.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
