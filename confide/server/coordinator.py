@@ -494,25 +494,23 @@ class Coordinator:
             outcome = None
             if secure is not None:
                 dropped: dict[str, str] = {}  # kept when the protocol aborts: who and why
+                aborted: SecAggAborted | None = None
                 try:
                     outcome = self._secure_aggregate(rnd, secure, chosen, phase, dropped)
                 except SecAggAborted as e:
-                    if self.stop_event.is_set():  # stopped mid-protocol: not a failed round
-                        self.store.round_finished(
-                            rnd, attempt, "interrupted", failures=phase.failures
-                        )
-                        return True
+                    aborted = e
+                if self.stop_event.is_set():  # a stop closes the stages early: not a failure
+                    self.store.round_finished(rnd, attempt, "interrupted", failures=phase.failures)
+                    return True
+                if aborted is not None:
                     log.warning(
-                        "round %d attempt %d: secure aggregation aborted: %s", rnd, attempt, e
+                        "round %d attempt %d: secure aggregation aborted: %s", rnd, attempt, aborted
                     )
-                    failures = {**phase.failures, **dropped, "secure aggregation": str(e)}
+                    failures = {**phase.failures, **dropped, "secure aggregation": str(aborted)}
                     self.store.round_finished(
                         rnd, attempt, "failed", succeeded=sorted(phase.results), failures=failures
                     )
                     continue
-                if self.stop_event.is_set():
-                    self.store.round_finished(rnd, attempt, "interrupted", failures=phase.failures)
-                    return True
             self._complete_round(rnd, attempt, phase, start, outcome)
             return True
         raise NotEnoughSites(

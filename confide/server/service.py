@@ -7,12 +7,14 @@ next poll without a restart.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
@@ -36,6 +38,49 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("confide.coordinator")
 
+
+class StreamWatch:
+    """Cancels the calls that outlive their limit; one thread for every stream.
+
+    A stream is watched from its start; when it ends first (the usual case) its entry
+    only drops its reference to the call and waits, inert, until its time is up. One
+    sleeping thread instead of a timer thread per stream: starting and stopping a
+    thread costs ~0.1 ms, 500 of them a round at 100 sites under SecAgg+.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, context: grpc.ServicerContext, seconds: float, why: str) -> None:
+        """Cancel ``context`` in ``seconds`` unless its call is over by then (``why`` is
+        logged when it is cancelled)."""
+        entry: list[Any] = [context, why]
+        if not context.add_callback(lambda: entry.clear()):  # the call is over already
+            return
+        with self._cv:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._ids), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-watch", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cv.wait(timeout=wait)
+                _, _, entry = heapq.heappop(self._heap)
+            still = entry[:]  # one atomic copy: the call may end (and clear it) meanwhile
+            if still:
+                context, why = still
+                log.warning("%s", why)
+                context.cancel()
+
+
 #: Who may take part in rounds, and who may read the audit records (and nothing else).
 SITE_ROLES = frozenset({"site"})
 READER_ROLES = frozenset({"auditor", "admin"})
@@ -55,6 +100,7 @@ class CoordinatorService:
         self.board: RoundBoard = coordinator.board
         self.revocations = revocations
         self._touched: dict[str, float] = {}
+        self._streams = StreamWatch()
 
     # --- authentication ----------------------------------------------------------------
 
@@ -106,15 +152,9 @@ class CoordinatorService:
             self.c.cfg.server.site_timeout_seconds,
             0.0 if deadline is None else deadline - time.time(),
         )
-
-        def expire() -> None:
-            log.warning("%s of %s cancelled: unfinished after %.1f s", method, site, limit)
-            context.cancel()
-
-        timer = threading.Timer(limit, expire)
-        timer.daemon = True
-        if context.add_callback(timer.cancel):  # False: the call is over already
-            timer.start()
+        self._streams.watch(
+            context, limit, f"{method} of {site} cancelled: unfinished after {limit:.1f} s"
+        )
 
     # --- calls -------------------------------------------------------------------------
 
