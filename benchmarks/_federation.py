@@ -284,6 +284,36 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
+class _ThreadProfiles:
+    """cProfile (CPU time per thread) of every thread started after :meth:`boot` is set
+    with ``threading.setprofile``; merged into one pstats file by :meth:`dump`."""
+
+    def __init__(self) -> None:
+        import cProfile
+
+        self._make = lambda: cProfile.Profile(time.thread_time)
+        self.profiles: list[Any] = []
+        self._lock = threading.Lock()
+
+    def boot(self, frame: Any, event: str, arg: Any) -> None:
+        sys.setprofile(None)
+        p = self._make()
+        with self._lock:
+            self.profiles.append(p)
+        p.enable()
+
+    def dump(self, path: Path) -> None:
+        import pstats
+
+        with self._lock:
+            profiles = list(self.profiles)
+        if profiles:
+            stats = pstats.Stats(profiles[0])
+            for p in profiles[1:]:
+                stats.add(p)
+            stats.dump_stats(str(path))
+
+
 def agent_host(spec_path: str) -> int:
     """Helper process: runs a group of SiteAgents in threads, prints a JSON summary.
 
@@ -300,6 +330,10 @@ def agent_host(spec_path: str) -> int:
         spec.get("app", ECHO_APP),
     )
     cpu_start = time.process_time()  # after the imports and kit loading
+    profile_to = os.environ.get("CONFIDE_BENCH_AGENT_PROFILE")
+    profiles = _ThreadProfiles() if profile_to else None
+    if profiles is not None:
+        threading.setprofile(profiles.boot)
     signal.signal(signal.SIGTERM, _terminated)
     finished = False
     try:
@@ -310,6 +344,9 @@ def agent_host(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not finished:
         agents.stop()
+    if profiles is not None and profile_to:
+        threading.setprofile(None)
+        profiles.dump(Path(profile_to) / f"agents-{os.getpid()}.pstats")
     print(
         json.dumps(
             {

@@ -12,7 +12,6 @@ refused by their configured limits.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import blake3
 import grpc
 import numpy as np
 import pytest
@@ -920,7 +920,7 @@ def _frames(header: pb.ArrayHeader, total: int) -> list[bytes]:
     return [
         pb.Chunk(manifest=manifest).SerializeToString(),
         *([pb.Chunk(data=data).SerializeToString()] if data else []),
-        pb.Chunk(sha256=hashlib.sha256(data).digest()).SerializeToString(),
+        pb.Chunk(digest=blake3.blake3(data).digest()).SerializeToString(),
     ]
 
 

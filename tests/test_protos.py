@@ -38,7 +38,7 @@ def test_stubs_import_and_describe_the_coordinator_service() -> None:
         Path(__file__).resolve().parents[1] / "protos/confide/v1/coordinator.proto"
     ).read_text()
     declared = re.search(r"PROTOCOL_VERSION = (\d+)", proto)
-    assert declared is not None and PROTOCOL_VERSION == int(declared.group(1)) == 3
+    assert declared is not None and PROTOCOL_VERSION == int(declared.group(1)) == 4
     assert coordinator_pb2.Task.SECAGG == 5
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
     assert {m.name for m in service.methods} == {

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import blake3
 import grpc
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ from confide.server.store import Store
 from confide.wire import Payload, WireError, decode, frames
 
 MB = 1 << 20
-FIELDS = ("federation", "round", "task_id", "site", "nonce", "manifest_sha256", "data_sha256")
+FIELDS = ("federation", "round", "task_id", "site", "nonce", "manifest_sha256", "data_digest")
 VALUES: dict[str, st.SearchStrategy[Any]] = {
     "federation": st.text(max_size=24),
     "round": st.integers(0, 2**63 - 1),
@@ -53,7 +54,7 @@ VALUES: dict[str, st.SearchStrategy[Any]] = {
     "site": st.text(max_size=24),
     "nonce": st.binary(min_size=16, max_size=16),
     "manifest_sha256": st.binary(min_size=32, max_size=32),
-    "data_sha256": st.binary(min_size=32, max_size=32),
+    "data_digest": st.binary(min_size=32, max_size=32),
 }
 STATEMENTS = st.builds(UpdateStatement, **VALUES)
 
@@ -119,7 +120,7 @@ def test_another_sites_key_does_not_verify(kits: dict[str, Kit]) -> None:
     "changes",
     [
         {"nonce": b"\x01" * 15},
-        {"data_sha256": b"\x00" * 31},
+        {"data_digest": b"\x00" * 31},
         {"manifest_sha256": "x" * 32},
         {"round": -1},
         {"round": True},
@@ -135,7 +136,7 @@ def test_malformed_statements_are_refused_on_construction(changes: dict[str, Any
 def test_statement_from_record_names_what_is_missing() -> None:
     signer = UpdateSigner(b"", federation="f", round=1, task_id="t", site="s")
     record = dict(signer.record)
-    digests = {"task_id": "t", "manifest_sha256": b"\x00" * 32, "data_sha256": b"\x00" * 32}
+    digests = {"task_id": "t", "manifest_sha256": b"\x00" * 32, "data_digest": b"\x00" * 32}
     assert UpdateStatement.from_record(record, **digests) == signer.statement(
         b"\x00" * 32, b"\x00" * 32
     )
@@ -165,19 +166,19 @@ def test_a_signed_stream_carries_its_statement_and_ends_with_the_signature(
     kit = kits["site-a"]
     signer = _signer(kit)
     stream = list(frames(_payload(), 256 * 1024, signer=signer))
-    assert pb.Chunk.FromString(stream[-2]).WhichOneof("part") == "sha256"
+    assert pb.Chunk.FromString(stream[-2]).WhichOneof("part") == "digest"
     assert pb.Chunk.FromString(stream[-1]).WhichOneof("part") == "signature"
     got = decode(stream, max_bytes=16 * MB)
     head = pb.Chunk.FromString(stream[0]).manifest
     canonical = head.SerializeToString(deterministic=True)  # map keys sorted
     assert got.manifest_sha256 == hashlib.sha256(canonical).digest()
-    assert got.data_sha256 == pb.Chunk.FromString(stream[-2]).sha256
+    assert got.data_digest == pb.Chunk.FromString(stream[-2]).digest
     assert {k: got.config[k] for k in RECORD_KEYS} == signer.record
     statement = UpdateStatement.from_record(
         got.config,
         task_id=got.task_id,
         manifest_sha256=got.manifest_sha256,
-        data_sha256=got.data_sha256,
+        data_digest=got.data_digest,
     )
     verify_update(kit.certificate.read_bytes(), statement, got.signature)
     # The same stream as protobuf messages (a peer on the generated stubs) decodes the same.
@@ -273,7 +274,7 @@ def _flipped(stream: list[bytes]) -> list[bytes]:
 def _retampered(stream: list[bytes]) -> list[bytes]:
     """A flipped data bit with the digest recomputed to match: only the signature can tell."""
     out = _flipped(stream)
-    digest = pb.Chunk(sha256=hashlib.sha256(_data(out)).digest()).SerializeToString()
+    digest = pb.Chunk(digest=blake3.blake3(_data(out)).digest()).SerializeToString()
     return [*out[:-2], digest, out[-1]]
 
 

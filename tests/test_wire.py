@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
+import threading
+from typing import ClassVar
 
+import blake3
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -62,13 +64,13 @@ def test_malformed_streams_are_rejected_with_the_reason() -> None:
         decode(chunks[1:], max_bytes=16 * MB)
     with pytest.raises(WireError, match="above the limit"):
         decode(chunks, max_bytes=1000)
-    with pytest.raises(WireError, match="without its SHA-256"):
+    with pytest.raises(WireError, match="without its BLAKE3 digest"):
         decode(chunks[:-1], max_bytes=16 * MB)
     with pytest.raises(WireError, match="ended after"):
         decode(chunks[:2] + chunks[-1:], max_bytes=16 * MB)
     corrupted = bytearray(chunks[1].data)
     corrupted[0] ^= 0xFF
-    with pytest.raises(WireError, match="SHA-256 mismatch"):
+    with pytest.raises(WireError, match="digest mismatch"):
         decode(_tamper(chunks, 1, pb.Chunk(data=bytes(corrupted))), max_bytes=16 * MB)
     with pytest.raises(WireError, match="more data"):
         decode([*chunks[:-1], pb.Chunk(data=b"x"), *chunks[-1:]], max_bytes=16 * MB)
@@ -101,7 +103,7 @@ def test_manifest_lies_are_caught_before_reading_data() -> None:
         [
             pb.Chunk(manifest=ok),
             pb.Chunk(data=data),
-            pb.Chunk(sha256=hashlib.sha256(data).digest()),
+            pb.Chunk(digest=blake3.blake3(data).digest()),
         ],
         max_bytes=MB,
     )
@@ -139,24 +141,64 @@ def test_frames_are_the_serialized_chunks_and_decode_in_place(chunk: int) -> Non
 
 
 def test_a_large_stream_hashes_in_the_background_and_still_checks_the_digest() -> None:
-    big = np.arange(3 * MB // 4, dtype=np.float32)  # 3 MiB: above BACKGROUND_HASH_BYTES
-    assert big.nbytes >= wire.BACKGROUND_HASH_BYTES
-    frames = list(wire.frames(Payload("t", ["w"], [big]), MB))
-    np.testing.assert_array_equal(decode(frames, max_bytes=8 * MB).arrays[0], big)
+    big = np.arange(
+        17 * MB // 4, dtype=np.float32
+    )  # 17 MiB: hashed by the receiver's helper thread
+    assert big.nbytes >= wire.RECEIVE_BACKGROUND_HASH_BYTES
+    frames = list(wire.frames(Payload("t", ["w"], [big]), 4 * MB))
+    out = decode(frames, max_bytes=32 * MB)
+    np.testing.assert_array_equal(out.arrays[0], big)
+    assert out.data_digest == blake3.blake3(big.tobytes()).digest()
     corrupt = bytearray(frames[2])
     corrupt[-1] ^= 1
-    with pytest.raises(WireError, match="SHA-256 mismatch"):
-        decode([*frames[:2], bytes(corrupt), *frames[3:]], max_bytes=8 * MB)
+    with pytest.raises(WireError, match="digest mismatch"):
+        decode([*frames[:2], bytes(corrupt), *frames[3:]], max_bytes=32 * MB)
+
+
+def test_the_data_digest_is_blake3_of_the_array_bytes_in_order() -> None:
+    p = _payload()
+    frames = list(wire.frames(p, 64 * 1024))
+    expected = blake3.blake3(b"".join(np.ascontiguousarray(a).tobytes() for a in p.arrays))
+    assert pb.Chunk.FromString(frames[-1]).digest == expected.digest()
+    assert decode(frames, max_bytes=16 * MB).data_digest == expected.digest()
 
 
 def test_the_sender_hashes_its_own_copy_so_later_changes_cannot_break_the_digest() -> None:
-    a = np.ones(MB // 2, dtype=np.float32)  # 2 MiB: framed from the array's buffer
+    a = np.ones(MB // 2, dtype=np.float32)  # 2 MiB in two frames, framed ahead by a helper
     stream = wire.frames(Payload("t", ["w"], [a]), MB)
     sent = [next(stream), next(stream)]
     a[:] = 7  # the caller reuses its buffer while the stream is still running
     sent += list(stream)
-    out = decode(sent, max_bytes=8 * MB)
-    assert out.arrays[0][0] == 1 and out.arrays[0][-1] == 7  # first chunk sent before
+    out = decode(sent, max_bytes=8 * MB)  # whatever went out, the digest matches it
+    assert out.arrays[0][0] == 1  # the first frame was sent before the change
+    half = MB // 4  # elements in one 1 MiB frame
+    for piece in (out.arrays[0][:half], out.arrays[0][half:]):  # each frame is one copy
+        assert len(set(piece.tolist())) == 1
+
+
+def test_frames_built_ahead_stop_with_the_consumer_and_raise_in_order() -> None:
+    def framers() -> int:
+        return sum(t.name == "confide-framer" for t in threading.enumerate())
+
+    big = np.ones(3 * MB // 4, dtype=np.float32)  # 3 MiB: framed ahead
+    before = framers()
+    stream = wire.frames(Payload("t", ["w"], [big]), MB // 4)
+    next(stream), next(stream)
+    stream.close()  # a cancelled upload: the helper must not live on
+    assert framers() == before
+
+    class Failing:
+        record: ClassVar[dict[str, wire.ScalarValue]] = {}
+
+        def __call__(self, manifest_sha256: bytes, data_digest: bytes) -> bytes:
+            raise RuntimeError("no key")
+
+    frames = wire.frames(Payload("t", ["w"], [big]), MB, signer=Failing())
+    got = [next(frames) for _ in range(5)]  # manifest, 3 data frames, digest
+    assert pb.Chunk.FromString(got[-1]).WhichOneof("part") == "digest"
+    with pytest.raises(RuntimeError, match="no key"):
+        next(frames)
+    assert framers() == before
 
 
 def test_raw_frames_that_are_not_plain_data_are_parsed_as_protobuf() -> None:

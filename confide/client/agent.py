@@ -1225,7 +1225,9 @@ class SiteAgent:
             record = next(iter(content.array_records.values()), None)
             if record is None:
                 raise _TaskFailed("TASK_FAILED", "the ClientApp's train reply holds no arrays")
-            arrays = record.to_numpy_ndarrays()
+            # Read-only views of the reply's bytes (no copy): nothing below writes into
+            # them (DP clipping, secagg masking and framing all build new arrays).
+            arrays = self.dialect.ndarrays(record)
             if len(arrays) != len(model.arrays):
                 raise _TaskFailed(
                     "TASK_FAILED",

@@ -84,7 +84,7 @@ def check_signed(
     """
     if not payload.signature:
         raise Rejected(
-            "the upload is not signed (protocol 3 signs every upload). Fix: upgrade the "
+            "the upload is not signed (protocol 3 and later sign every upload). Fix: upgrade the "
             "site's confide",
             Reason.UNSIGNED,
         )
@@ -93,7 +93,7 @@ def check_signed(
             payload.config,
             task_id=payload.task_id,
             manifest_sha256=payload.manifest_sha256,
-            data_sha256=payload.data_sha256,
+            data_digest=payload.data_digest,
         )
     except StatementInvalid as e:
         raise Rejected(f"no valid update statement: {e}", Reason.UNSIGNED) from None

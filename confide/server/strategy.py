@@ -70,9 +70,12 @@ def weighted_mean(results: Sequence[SiteResult]) -> Weights:
             out.append(ref.copy())
             continue
         acc = np.zeros(ref.shape, dtype=np.float64)
+        scaled = np.empty_like(acc)
         for r in results:
-            # Scale-and-add in place: one pass per site, no temporaries of size D x N.
-            acc += r.weights[j].astype(np.float64, copy=False) * (r.num_examples / total)
+            # Scale (cast to float64 on the way) into one reused buffer, then add: two
+            # passes per site and no allocation, nothing of size D x N.
+            np.multiply(r.weights[j], r.num_examples / total, out=scaled)
+            acc += scaled
         out.append(acc.astype(ref.dtype))
     return out
 

@@ -2,10 +2,11 @@
 
 Every upload (a train or evaluate result, a secure-aggregation stage message) carries an
 :class:`UpdateStatement` signed with the site's kit key (ECDSA P-256, SHA-256): the
-federation, the round, the task id, the site, a fresh 128-bit nonce, and the SHA-256 of
-the stream's manifest (deterministic protobuf serialization) and of its data bytes. The
+federation, the round, the task id, the site, a fresh 128-bit nonce, the SHA-256 of the
+stream's manifest (deterministic protobuf serialization) and the BLAKE3-256 of its data
+bytes (the stream's own digest frame, :mod:`confide.wire`). The
 statement is serialized canonically (:meth:`UpdateStatement.canonical`: the domain
-``confide/update/v1`` and each field length-prefixed, in a fixed order), so a signature
+``confide/update/v2`` and each field length-prefixed, in a fixed order), so a signature
 made for one federation, round, task, site or content verifies for no other, and the
 nonce lets the coordinator refuse a second copy of the same upload.
 
@@ -46,7 +47,7 @@ __all__ = [
     "verify_update",
 ]
 
-DOMAIN = b"confide/update/v1"
+DOMAIN = b"confide/update/v2"  # v2: the data digest is BLAKE3-256 (protocol 4)
 NONCE_BYTES = 16
 DIGEST_BYTES = 32
 MAX_FIELD_BYTES = 1024  # names are DNS labels and task ids are short: anything longer is junk
@@ -99,7 +100,7 @@ class UpdateStatement:
     site: str
     nonce: bytes
     manifest_sha256: bytes
-    data_sha256: bytes
+    data_digest: bytes
 
     def __post_init__(self) -> None:
         _text(self.federation, "federation")
@@ -111,7 +112,7 @@ class UpdateStatement:
             raise StatementInvalid(f"the statement's round {self.round} is out of range")
         _blob(self.nonce, NONCE_BYTES, "nonce")
         _blob(self.manifest_sha256, DIGEST_BYTES, "manifest digest")
-        _blob(self.data_sha256, DIGEST_BYTES, "data digest")
+        _blob(self.data_digest, DIGEST_BYTES, "data digest")
 
     def canonical(self) -> bytes:
         """The signed bytes: each field as a 4-byte big-endian length and its bytes."""
@@ -123,7 +124,7 @@ class UpdateStatement:
             self.site.encode("utf-8"),
             self.nonce,
             self.manifest_sha256,
-            self.data_sha256,
+            self.data_digest,
         )
         return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
@@ -134,7 +135,7 @@ class UpdateStatement:
         *,
         task_id: str,
         manifest_sha256: bytes,
-        data_sha256: bytes,
+        data_digest: bytes,
     ) -> UpdateStatement:
         """The statement an upload claims: its config record's ``confide.*`` entries, its
         task id and the digests the receiver computed; :class:`StatementInvalid` if any
@@ -152,7 +153,7 @@ class UpdateStatement:
             site=_text(record[SITE_KEY], SITE_KEY),
             nonce=_blob(record[NONCE_KEY], NONCE_BYTES, NONCE_KEY),
             manifest_sha256=manifest_sha256,
-            data_sha256=data_sha256,
+            data_digest=data_digest,
         )
 
 
@@ -255,7 +256,7 @@ class UpdateSigner:
             NONCE_KEY: self.nonce,
         }
 
-    def statement(self, manifest_sha256: bytes, data_sha256: bytes) -> UpdateStatement:
+    def statement(self, manifest_sha256: bytes, data_digest: bytes) -> UpdateStatement:
         return UpdateStatement(
             self.federation,
             self.round,
@@ -263,8 +264,8 @@ class UpdateSigner:
             self.site,
             self.nonce,
             manifest_sha256,
-            data_sha256,
+            data_digest,
         )
 
-    def __call__(self, manifest_sha256: bytes, data_sha256: bytes) -> bytes:
-        return sign_update(self.key, self.statement(manifest_sha256, data_sha256))
+    def __call__(self, manifest_sha256: bytes, data_digest: bytes) -> bytes:
+        return sign_update(self.key, self.statement(manifest_sha256, data_digest))

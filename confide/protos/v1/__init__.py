@@ -1,3 +1,3 @@
 """Generated stubs of confide.v1 (do not edit; regenerate with `make protos`)."""
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class CoordinatorStub:
     """Bumped only by incompatible changes; checked at Join.
-    PROTOCOL_VERSION = 3  (2: secure aggregation, task kind SECAGG; 3: signed uploads)
+    PROTOCOL_VERSION = 4  (2: secure aggregation, task kind SECAGG; 3: signed uploads;
+    4: the data digest is BLAKE3-256 instead of SHA-256)
 
     """
 
@@ -76,7 +77,8 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """Bumped only by incompatible changes; checked at Join.
-    PROTOCOL_VERSION = 3  (2: secure aggregation, task kind SECAGG; 3: signed uploads)
+    PROTOCOL_VERSION = 4  (2: secure aggregation, task kind SECAGG; 3: signed uploads;
+    4: the data digest is BLAKE3-256 instead of SHA-256)
 
     """
 
@@ -179,7 +181,8 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Bumped only by incompatible changes; checked at Join.
-    PROTOCOL_VERSION = 3  (2: secure aggregation, task kind SECAGG; 3: signed uploads)
+    PROTOCOL_VERSION = 4  (2: secure aggregation, task kind SECAGG; 3: signed uploads;
+    4: the data digest is BLAKE3-256 instead of SHA-256)
 
     """
 
