@@ -36,6 +36,23 @@ def test_fedavg_equals_hand_computed_weighted_mean() -> None:
     assert out[0].dtype == np.float32
 
 
+def test_weighted_mean_of_large_arrays_in_blocks_is_exactly_the_float64_mean() -> None:
+    rng = np.random.default_rng(3)
+    shapes = [(700, 1000), (3,), (), (0, 4), (2 * 131072 + 5,)]  # several blocks, and edges
+    sites = [
+        SiteResult([rng.standard_normal(s).astype(np.float32) for s in shapes], int(n))
+        for n in rng.integers(1, 500, size=9)
+    ]
+    got = weighted_mean(sites)
+    total = sum(r.num_examples for r in sites)
+    for j, shape in enumerate(shapes):
+        acc = np.zeros(shape, dtype=np.float64)
+        for r in sites:
+            acc += r.weights[j].astype(np.float64) * (r.num_examples / total)
+        assert got[j].shape == shape and got[j].dtype == np.float32
+        assert np.array_equal(got[j], acc.astype(np.float32))  # bit for bit, not close
+
+
 def test_fedavg_server_lr_moves_part_of_the_way() -> None:
     glob = [np.array([0.0, 0.0], np.float32)]
     out = FedAvg(server_lr=0.5).aggregate(glob, [_site([[2.0, 4.0]], 5)])
