@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.8, help="DP-SGD learning rate (round 1)")
     p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--lr-decay", type=float, default=0.93, help="DP lr factor per round")
+    p.add_argument("--lr-decay", type=float, default=0.97, help="DP lr factor per round")
     p.add_argument(
         "--server-ema",
         type=float,

@@ -19,8 +19,10 @@ Gaussian mechanism. Each step
 How the per-sample norms are obtained is an implementation choice that does
 not change the mechanism: ``grad_sample_mode`` selects Opacus' hooks
 (per-sample gradients materialised), ghost clipping (norms without
-per-sample gradients, then a second backward pass of the reweighted loss)
-or functorch; ``"auto"`` picks the fastest one for the model (see
+per-sample gradients, then a second backward pass of the reweighted loss),
+functorch, or ``bk``, book-keeping (ghost norms or per-sample gradients,
+whichever is cheaper per layer, and the clipped sum formed from what the
+one backward pass saw); ``"auto"`` picks the fastest one for the model (see
 :func:`choose_grad_sample_mode`). :class:`DpSgdStepper` is the step itself,
 exposed so benchmarks time the very code a site runs.
 """
@@ -40,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -60,8 +64,8 @@ __all__ = [
     "train_private",
 ]
 
-GRAD_SAMPLE_MODES: Final = ("auto", "hooks", "ghost", "functorch")
-"""Accepted ``grad_sample_mode`` values; all but ``auto`` are Opacus' own names."""
+GRAD_SAMPLE_MODES: Final = ("auto", "hooks", "ghost", "bk", "functorch")
+"""Accepted ``grad_sample_mode`` values: Opacus' own names, ``bk`` (book-keeping) and ``auto``."""
 
 
 @dataclass(frozen=True)
@@ -89,60 +93,44 @@ class PrivateTrainResult:
 
 
 def choose_grad_sample_mode(model: nn.Module, example: torch.Tensor) -> str:
-    """The faster of Opacus' ``hooks`` and ``ghost`` modes for ``model`` (what ``"auto"`` runs).
+    """The fastest mode for ``model`` (what ``"auto"`` runs): ``bk`` unless weights are shared.
 
-    ``example`` is one input batch (one example is enough); a forward pass
-    on it (no backward, eval mode, so no randomness is drawn) records how
-    many positions every weight is applied at per example: 1 for a dense
-    layer on a flat vector, T for a layer on a sequence of T, the output's
-    height x width for a convolution.
+    ``bk`` (book-keeping, :class:`_BookKeepingGradSampleModule`) decides per
+    layer what Opacus' ``hooks`` and ``ghost`` modes decide for the whole
+    model: it materialises per-sample gradients where they are cheap
+    (convolutions, normalisation layers, dense layers applied at many
+    positions) and takes ghost norms where they are not (dense layers on
+    one vector or a few positions, embeddings), and it needs one backward
+    pass where ghost clipping needs two. Measured with
+    benchmarks/train_throughput.py it is at least as fast as the better of
+    the two on every registered model.
 
-    The two modes cost different things on top of plain SGD. ``hooks``
-    writes a per-sample gradient for every weight and reads it twice
-    (norms, then the clipped sum): memory traffic proportional to the number
-    of weights. ``ghost`` gets the norms almost for free but backpropagates
-    a second time, which costs in proportion to weights x positions. So
-    ghost wins when weights are applied at few positions on average.
-    Measured with benchmarks/train_throughput.py: the McMahan CNN (7
-    positions per weight, its 3136x512 dense layer at 1) and the 6-step
-    credit models run faster with ghost; the small CNN (16) and the
-    80-character models (80) faster with hooks. The threshold lies between.
+    Like ghost clipping it cannot attribute the ghost norm of a dense or
+    embedding layer that one example uses several times (shared weights, or
+    a layer called in a loop): then the ``hooks`` mode runs. ``example`` is
+    one input batch (one example is enough); a forward pass on it (no
+    backward, eval mode, so no randomness is drawn) counts the calls.
     """
-    positions = _positions_per_weight(model, example)
-    return "ghost" if positions < _GHOST_MAX_POSITIONS_PER_WEIGHT else "hooks"
-
-
-_GHOST_MAX_POSITIONS_PER_WEIGHT: Final = 10.0
-
-
-def _positions_per_weight(model: nn.Module, example: torch.Tensor) -> float:
-    """Trainable weights' mean number of uses per example, weighted by layer size."""
-    weighted = 0.0
-    weights = 0
+    ghost_types = set(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+    calls: dict[int, int] = {}
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        nonlocal weighted, weights
-        size = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-        out = output[0] if isinstance(output, tuple) else output
-        if not size or not isinstance(out, torch.Tensor) or out.dim() < 2:
-            return
-        feature_dim = (
-            1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)) else -1
-        )
-        uses = out.numel() / (out.shape[0] * out.shape[feature_dim])
-        weighted += size * uses
-        weights += size
+        if type(module) in ghost_types:  # Opacus matches layer types exactly
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    calls[id(p)] = calls.get(id(p), 0) + 1
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
     was_training = model.training
     model.eval()
     try:
-        model(example[:1])
+        with torch.no_grad():
+            model(example[:1])
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return weighted / weights if weights else 1.0
+    return "hooks" if any(n > 1 for n in calls.values()) else "bk"
 
 
 # --- Opacus, with faster per-layer rules and noise ------------------------------------------
@@ -167,10 +155,12 @@ def _positions_per_weight(model: nn.Module, example: torch.Tensor) -> float:
 #   would also compute are discarded by DP-SGD anyway;
 # * the clipped sum is a matrix-vector product per parameter, and ghost
 #   clipping's optimizer reuses the gradient tensor instead of copying it;
+# * book-keeping (``bk``, not in Opacus) replaces ghost clipping's second
+#   backward pass by one product per layer (see _BookKeepingGradSampleModule);
 # * for large models, each step's noise is drawn one step ahead in a helper
 #   thread while the main thread runs the forward and backward passes (for
-#   the 1.66M-parameter CNN the noise alone takes as long as half a plain
-#   SGD step).
+#   the 1.66M-parameter CNN the noise alone takes about as long as a plain
+#   SGD step at B=10).
 
 SamplerFn = Callable[
     [nn.Module, list[torch.Tensor], torch.Tensor], dict[torch.Tensor, torch.Tensor]
@@ -294,6 +284,182 @@ class _GhostGradSampleModule(GradSampleModuleFastGradientClipping):  # type: ign
             max_grad_norm=clip_norm,
             use_ghost_clipping=True,
         )
+
+
+def _linear_clipped_sum(
+    layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor, coef: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """``sum_i c_i g_i^T a_i`` (and ``sum_i c_i sum_t g_it``): one matrix product for the batch.
+
+    The backprops are scaled by the examples' clip factors, then multiplied
+    with the activations over every (example, position) at once, as the
+    weight gradient of a plain backward pass is.
+    """
+    g = backprops * coef.view(-1, *([1] * (backprops.dim() - 1)))
+    g = g.reshape(-1, g.shape[-1])
+    ret: dict[torch.Tensor, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        a = activations[0].to(g.dtype)
+        ret[layer.weight] = torch.mm(g.t(), a.reshape(-1, a.shape[-1]))
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = g.sum(dim=0)
+    return ret
+
+
+def _embedding_clipped_sum(
+    layer: nn.Embedding,
+    activations: list[torch.Tensor],
+    backprops: torch.Tensor,
+    coef: torch.Tensor,
+) -> dict[torch.Tensor, torch.Tensor]:
+    """``sum_i c_i`` (example i's embedding gradient): the clip-scaled rows added at their ids."""
+    if not layer.weight.requires_grad:
+        return {}
+    ids = activations[0].reshape(-1)
+    g = backprops * coef.view(-1, *([1] * (backprops.dim() - 1)))
+    g = g.reshape(-1, layer.embedding_dim)
+    if layer.padding_idx is not None:
+        g = g * (ids != layer.padding_idx).unsqueeze(1)
+    return {layer.weight: g.new_zeros(layer.weight.shape).index_add_(0, ids, g)}
+
+
+def _linear_grad_sample(
+    layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of a linear layer on sequences: one batched product per example."""
+    g = backprops
+    a = activations[0].to(g.dtype)
+    batch = g.shape[0]
+    g = g.reshape(batch, -1, g.shape[-1])
+    ret: dict[torch.Tensor, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        ret[layer.weight] = torch.bmm(g.transpose(1, 2), a.reshape(batch, -1, a.shape[-1]))
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = g.sum(dim=1)
+    return ret
+
+
+def _materialise_linear(activations: list[torch.Tensor], backprops: torch.Tensor) -> bool:
+    """Whether per-sample gradients beat ghost norms plus book-keeping for this linear layer.
+
+    Per example, ghost norms cost ``T^2 (d_in + d_out)`` multiplications and
+    the book-keeping sum ``T d_in d_out``; materialising costs ``T d_in d_out``
+    and the clip-weighted sum ``d_in d_out``. On one vector per example
+    (``T = 1``) the norm is a product of two vector norms: never materialise.
+    """
+    if backprops.dim() <= 2 or backprops.shape[0] == 0:
+        return False
+    d_out, d_in = backprops.shape[-1], activations[0].shape[-1]
+    steps = backprops.numel() // (backprops.shape[0] * d_out)
+    return steps > 1 and d_in * d_out < steps * steps * (d_in + d_out)
+
+
+# (layer, activations, backprops, clip factors) -> {parameter: clipped sum}
+ClippedSumFn = Callable[..., dict[torch.Tensor, torch.Tensor]]
+
+
+class _BookKeepingGradSampleModule(_GhostGradSampleModule):
+    """Ghost clipping's norms, then the clipped sum from what the hooks saw: one backward pass.
+
+    Book-keeping (Bu et al., 2022): the first (and only) backward pass runs
+    the same hooks as ghost clipping, which compute every example's gradient
+    norm per layer. Instead of discarding what they were computed from and
+    backpropagating the reweighted loss a second time, each hook keeps its
+    layer's activations and output gradients (linear and embedding layers,
+    whose per-sample gradients are never formed) or the per-sample gradients
+    it materialised anyway for the norm (convolutions, normalisation
+    layers), and :meth:`write_clipped_sum` forms ``sum_i c_i g_i`` from them
+    once the clip factors ``c`` are known: one matrix product per linear
+    layer, one matrix-vector product per materialised gradient. The same
+    sum as ghost clipping's second pass, without its backpropagation through
+    every layer's inputs.
+    """
+
+    def __init__(self, model: nn.Module, *, clip_norm: float) -> None:
+        super().__init__(model, clip_norm=clip_norm)
+        self.CLIPPED_SUMS: dict[type, ClippedSumFn] = {
+            layer_type: _linear_clipped_sum
+            for layer_type, fn in self.NORM_SAMPLERS.items()
+            if fn is _linear_norm_sample
+        }
+        self.CLIPPED_SUMS[nn.Embedding] = _embedding_clipped_sum
+        self._kept: list[tuple[ClippedSumFn, nn.Module, list[torch.Tensor], torch.Tensor]] = []
+        self._materialised: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def capture_backprops_hook(
+        self,
+        module: nn.Module,
+        _forward_input: torch.Tensor,
+        forward_output: torch.Tensor,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> None:
+        if not self.hooks_enabled:
+            return
+        backprops = forward_output[0].detach()
+        activations, backprops = self.rearrange_grad_samples(
+            module=module,
+            backprops=backprops,
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+        )
+        clipped_sum = self.CLIPPED_SUMS.get(type(module))
+        if clipped_sum is _linear_clipped_sum and _materialise_linear(activations, backprops):
+            grads = _linear_grad_sample(module, activations, backprops)  # type: ignore[arg-type]
+            self._keep_grad_samples(module, grads)
+        elif clipped_sum is not None:
+            norm_sampler: Any = self.NORM_SAMPLERS[type(module)]
+            for param, norm in norm_sampler(module, activations, backprops).items():
+                if param.requires_grad:
+                    param._norm_sample = norm
+                    param._forward_counter -= 1
+            self._kept.append((clipped_sum, module, activations, backprops))
+        else:
+            grad_sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+            self._keep_grad_samples(module, grad_sampler(module, activations, backprops))
+        if not module.activations and hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+
+    def _keep_grad_samples(
+        self, module: nn.Module, grad_samples: dict[torch.Tensor, torch.Tensor]
+    ) -> None:
+        # Opacus' accumulation for a layer called several times per batch
+        # (its per-sample gradients add up over the calls), norms at the last call.
+        for param, grad_sample in grad_samples.items():
+            if (
+                param.requires_grad
+                and not hasattr(param, "_current_grad_sample")
+                and grad_sample.shape[0] == module.max_batch_len
+            ):
+                param._current_grad_sample = grad_sample  # type: ignore[attr-defined]
+            else:
+                create_or_accumulate_grad_sample(
+                    param=param, grad_sample=grad_sample, max_batch_len=module.max_batch_len
+                )
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            p._forward_counter -= 1  # type: ignore[attr-defined]
+            if p._forward_counter == 0:  # type: ignore[attr-defined]
+                grad_sample = p._current_grad_sample  # type: ignore[attr-defined]
+                del p._current_grad_sample  # type: ignore[attr-defined]
+                flat = grad_sample.reshape(len(grad_sample), -1)
+                p._norm_sample = flat.norm(2, dim=-1)  # type: ignore[attr-defined]
+                self._materialised.append((p, flat))
+
+    def write_clipped_sum(self, coef: torch.Tensor) -> None:
+        """Set every parameter's ``.grad`` to the sum of its clip-scaled per-sample gradients."""
+        for param, flat in self._materialised:
+            param.grad = (coef.to(flat.dtype) @ flat).view_as(param)
+        for clipped_sum, module, activations, backprops in self._kept:
+            for param, grad in clipped_sum(module, activations, backprops, coef).items():
+                param.grad = grad.view_as(param)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what the hooks kept (after the sum, or when a step is abandoned)."""
+        self._kept.clear()
+        self._materialised.clear()
 
 
 class _NoiseStream:
@@ -525,9 +691,16 @@ class DpSgdStepper:
         self._had_activations = {id(m) for m in model.modules() if hasattr(m, "activations")}
         model.train()
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._ghost = self.grad_sample_mode == "ghost"
+        self._bk = self.grad_sample_mode == "bk"
+        # Book-keeping is ghost clipping's module and optimizer with the second pass replaced.
+        self._ghost = self.grad_sample_mode in ("ghost", "bk")
         self._module: AbstractGradSampleModule
-        if self._ghost:
+        self._bk_module: _BookKeepingGradSampleModule | None = None
+        if self._bk:
+            self._module = self._bk_module = _BookKeepingGradSampleModule(
+                model, clip_norm=clip_norm
+            )
+        elif self._ghost:
             self._module = _GhostGradSampleModule(model, clip_norm=clip_norm)
         else:
             self._module = _GradSampleModule(model, functorch=self.grad_sample_mode == "functorch")
@@ -565,7 +738,15 @@ class DpSgdStepper:
         self._roots.clear()
         logits = self._module(x)
         per_sample, per_target = _per_sample_loss(logits, y)
-        if self._ghost:
+        if self._bk_module is not None:
+            # One pass: the hooks compute the norms and keep what the clipped sum needs.
+            module = self._bk_module
+            try:
+                self._backprop_to_hooks(per_sample.mean(), retain_graph=False)
+                module.write_clipped_sum(module.get_clipping_coef())
+            finally:
+                module.forget()
+        elif self._ghost:
             # Opacus' two passes (DPTensorFastGradientClipping.backward): the
             # hooks compute per-sample norms in the first, then the loss
             # reweighted by each example's clip factor is backpropagated
