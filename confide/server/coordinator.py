@@ -104,7 +104,7 @@ def initial_model(spec: str, seed: int) -> tuple[list[str], list[npt.NDArray[Any
 def weights_digest(weights: list[npt.NDArray[Any]]) -> str:
     h = hashlib.sha256()
     for w in weights:
-        h.update(np.ascontiguousarray(w).reshape(-1).view(np.uint8))  # no copy
+        h.update(np.ascontiguousarray(w).reshape(-1).view(np.uint8).data)  # no copy
     return h.hexdigest()
 
 

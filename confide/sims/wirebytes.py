@@ -221,7 +221,7 @@ def stream_size(
 
 
 def upload_claim(federation: str, site: str, rnd: int) -> dict[str, Scalar]:
-    """The ``confide.*`` entries a site's signed upload adds to its manifest (protocol 3 and later)."""
+    """The ``confide.*`` entries a site's signed upload adds to its manifest (protocol 3+)."""
     return {
         "confide.federation": federation,
         "confide.round": rnd,
