@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from dp_sgd_reference import steps_with_plain_opacus, steps_with_stepper
 from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from confide.client.data import ArrayDataset
@@ -131,56 +129,9 @@ def test_steps_match_plain_opacus(name: str, mode: str) -> None:
     # step gives what Opacus' own GradSampleModule and DPOptimizer give
     # (book-keeping: what Opacus' ghost clipping gives, computed in one pass).
     batches = [make_batch(name, b, seed=i) for i, b in enumerate([4, 0, 3])]
-    ours, theirs = build(name, dp=True), build(name, dp=True)
-    settings: dict[str, Any] = {
-        "noise_multiplier": 0.5,
-        "max_grad_norm": 0.7,
-        "expected_batch_size": 3.5,
-        "generator": torch.Generator().manual_seed(7),
-    }
-    with DpSgdStepper(
-        ours,
-        noise_multiplier=0.5,
-        clip_norm=0.7,
-        expected_batch_size=3.5,
-        lr=0.3,
-        momentum=0.5,
-        grad_sample_mode=mode,
-        noise_generator=torch.Generator().manual_seed(7),
-    ) as stepper:
-        for x, y in batches:
-            stepper.step(x, y)
-
-    ghost = mode in ("ghost", "bk")
-    module: Any = (
-        GradSampleModuleFastGradientClipping(theirs, max_grad_norm=0.7)
-        if ghost
-        else GradSampleModule(theirs)
-    )
-    base = torch.optim.SGD(theirs.parameters(), lr=0.3, momentum=0.5)
-    optimizer: Any = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(base, **settings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for x, y in batches:
-            optimizer.zero_grad()
-            if len(x) == 0:
-                for p in theirs.parameters():
-                    if ghost:
-                        p.grad = torch.zeros_like(p)
-                    else:
-                        p.grad_sample = p.new_zeros((0, *p.shape))
-            else:
-                logits = module(x)
-                loss = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
-                ).view(len(x), -1)
-                per_example = loss.mean(dim=1)
-                if ghost:
-                    DPTensorFastGradientClipping(module, optimizer, per_example, "mean").backward()
-                else:
-                    per_example.mean().backward()
-            optimizer.step()
-    for a, b in zip(get_weights(ours), get_weights(theirs), strict=True):
+    ours = steps_with_stepper(build(name, dp=True), batches, mode)
+    theirs = steps_with_plain_opacus(build(name, dp=True), batches, ghost=mode in ("ghost", "bk"))
+    for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
