@@ -284,34 +284,47 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
-class _ThreadProfiles:
-    """cProfile (CPU time per thread) of every thread started after :meth:`boot` is set
-    with ``threading.setprofile``; merged into one pstats file by :meth:`dump`."""
+class ThreadProfiles:
+    """cProfile (CPU time per thread) of every thread started while installed, merged.
 
-    def __init__(self) -> None:
-        import cProfile
+    ``skip``: thread-name prefixes left unprofiled (the transport benchmark profiles the
+    coordinator and skips in-process site agents; an agent host profiles everything).
+    """
 
-        self._make = lambda: cProfile.Profile(time.thread_time)
+    def __init__(self, skip: tuple[str, ...] = ()) -> None:
         self.profiles: list[Any] = []
+        self._skip = skip
         self._lock = threading.Lock()
 
-    def boot(self, frame: Any, event: str, arg: Any) -> None:
+    def _boot(self, frame: Any, event: str, arg: Any) -> None:
+        import cProfile
+
         sys.setprofile(None)
-        p = self._make()
+        if self._skip and threading.current_thread().name.startswith(self._skip):
+            return
+        p = cProfile.Profile(time.thread_time)
         with self._lock:
             self.profiles.append(p)
         p.enable()
 
-    def dump(self, path: Path) -> None:
+    def install(self) -> None:
+        threading.setprofile(self._boot)
+
+    def uninstall(self) -> None:
+        threading.setprofile(None)
+
+    def stats(self) -> Any:
+        """The merged ``pstats.Stats`` (None before any thread was profiled)."""
         import pstats
 
         with self._lock:
             profiles = list(self.profiles)
-        if profiles:
-            stats = pstats.Stats(profiles[0])
-            for p in profiles[1:]:
-                stats.add(p)
-            stats.dump_stats(str(path))
+        if not profiles:
+            return None
+        stats = pstats.Stats(profiles[0])
+        for p in profiles[1:]:
+            stats.add(p)
+        return stats
 
 
 def agent_host(spec_path: str) -> int:
@@ -331,9 +344,9 @@ def agent_host(spec_path: str) -> int:
     )
     cpu_start = time.process_time()  # after the imports and kit loading
     profile_to = os.environ.get("CONFIDE_BENCH_AGENT_PROFILE")
-    profiles = _ThreadProfiles() if profile_to else None
+    profiles = ThreadProfiles() if profile_to else None
     if profiles is not None:
-        threading.setprofile(profiles.boot)
+        profiles.install()
     signal.signal(signal.SIGTERM, _terminated)
     finished = False
     try:
@@ -345,8 +358,9 @@ def agent_host(spec_path: str) -> int:
     if not finished:
         agents.stop()
     if profiles is not None and profile_to:
-        threading.setprofile(None)
-        profiles.dump(Path(profile_to) / f"agents-{os.getpid()}.pstats")
+        profiles.uninstall()
+        if (stats := profiles.stats()) is not None:
+            stats.dump_stats(str(Path(profile_to) / f"agents-{os.getpid()}.pstats"))
     print(
         json.dumps(
             {

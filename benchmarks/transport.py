@@ -31,6 +31,8 @@ Everything runs on 127.0.0.1 with real mutual TLS, made by the project's own PKI
    on the coordinator *instance* from outside (no change to its code); when the target
    (<= 1 s per round at 50 sites) is missed, one more run is profiled with cProfile
    (CPU time per thread, coordinator process only) and its top entries printed.
+   With ``CONFIDE_BENCH_AGENT_PROFILE=DIR`` each agent helper process also writes its
+   merged per-thread profile to ``DIR/agents-PID.pstats`` (read it with ``pstats``).
 
     python benchmarks/transport.py                    # full: a few minutes on 2 cores
     python benchmarks/transport.py --quick            # smoke run (CI), seconds
@@ -40,11 +42,9 @@ Everything runs on 127.0.0.1 with real mutual TLS, made by the project's own PKI
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import logging
 import os
-import pstats
 import statistics
 import subprocess
 import sys
@@ -68,6 +68,7 @@ from _federation import (  # shared with load.py: PKI, config, models, site agen
     AgentLog,
     AgentProcs,
     AgentThreads,
+    ThreadProfiles,
     background,
     federation_config,
     load_average,
@@ -542,56 +543,31 @@ _PHASE_ORDER = [
 _IDLE = ("SimpleQueue", "'acquire'", "time.sleep", "threading.py", "futures/thread.py")
 
 
-class ThreadProfiles:
-    """cProfile (CPU time per thread) in every thread started while installed."""
-
-    def __init__(self) -> None:
-        self.profiles: list[cProfile.Profile] = []
-        self._lock = threading.Lock()
-
-    def _boot(self, frame: Any, event: str, arg: Any) -> None:
-        sys.setprofile(None)
-        if threading.current_thread().name.startswith(("bench-site", "confide-site")):
-            return  # in-process site agents are not the coordinator
-        p = cProfile.Profile(time.thread_time)
-        with self._lock:
-            self.profiles.append(p)
-        p.enable()
-
-    def install(self) -> None:
-        threading.setprofile(self._boot)
-
-    def uninstall(self) -> None:
-        threading.setprofile(None)
-
-    def top(self, n: int) -> dict[str, list[dict[str, Any]]]:
-        with self._lock:
-            profiles = list(self.profiles)
-        if not profiles:
-            return {"self": [], "confide": []}
-        stats = pstats.Stats(profiles[0])
-        for p in profiles[1:]:
-            stats.add(p)
-        entries = []
-        for (path, line, func), (_, calls, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
-            where = _short(path)
-            entries.append(
-                {
-                    "function": f"{func} ({where}:{line})",
-                    "calls": calls,
-                    "self_s": tt,
-                    "cum_s": ct,
-                    "path": path,
-                }
-            )
-        # Blocked waits, and thread frames still open at the snapshot (their times are bogus).
-        busy = [e for e in entries if not any(m in e["function"] for m in _IDLE)]
-        by_self = sorted(busy, key=lambda e: -e["self_s"])[:n]
-        ours = [e for e in entries if "/confide/" in e["path"]]
-        by_cum = sorted(ours, key=lambda e: -e["cum_s"])[:n]
-        for e in entries:
-            e.pop("path")
-        return {"self": by_self, "confide": by_cum}
+def top_entries(profiler: ThreadProfiles, n: int) -> dict[str, list[dict[str, Any]]]:
+    """The ``n`` busiest functions by self time, and ours by cumulative time."""
+    stats = profiler.stats()
+    if stats is None:
+        return {"self": [], "confide": []}
+    entries = []
+    for (path, line, func), (_, calls, tt, ct, _) in stats.stats.items():
+        where = _short(path)
+        entries.append(
+            {
+                "function": f"{func} ({where}:{line})",
+                "calls": calls,
+                "self_s": tt,
+                "cum_s": ct,
+                "path": path,
+            }
+        )
+    # Blocked waits, and thread frames still open at the snapshot (their times are bogus).
+    busy = [e for e in entries if not any(m in e["function"] for m in _IDLE)]
+    by_self = sorted(busy, key=lambda e: -e["self_s"])[:n]
+    ours = [e for e in entries if "/confide/" in e["path"]]
+    by_cum = sorted(ours, key=lambda e: -e["cum_s"])[:n]
+    for e in entries:
+        e.pop("path")
+    return {"self": by_self, "confide": by_cum}
 
 
 def _short(path: str) -> str:
@@ -633,7 +609,8 @@ def run_federation(
     agent_log = AgentLog()
     threads: AgentThreads | None = None
     procs: AgentProcs | None = None
-    profiler = ThreadProfiles() if profile else None
+    # In-process site agents are not the coordinator.
+    profiler = ThreadProfiles(skip=("bench-site", "confide-site")) if profile else None
     budget = 240.0 + 30.0 * rounds * (2 if eval_fraction else 1)
     started = time.perf_counter()
     finished = False
@@ -711,7 +688,7 @@ def run_federation(
         "wall_s": wall,
     }
     if profiler is not None:
-        result["profile"] = profiler.top(15)
+        result["profile"] = top_entries(profiler, 15)
     return result
 
 
