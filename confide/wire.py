@@ -105,17 +105,24 @@ def _dtype_str(a: npt.NDArray[Any]) -> str:
 
 # A serialized ``Chunk`` whose part is ``data`` starts with this tag (field 2, length-delimited).
 _DATA_TAG = 0x12
+# A data frame is the tag, the length as a varint padded to 7 bytes (protobuf parsers read
+# varints of up to 10 bytes, over-long ones included), then the data: 8 header bytes, so
+# the data starts 8-byte aligned wherever the frame does. A received frame is a Python
+# ``bytes`` whose buffer is 8-byte aligned, so arrays are read in place (:func:`decode`).
+DATA_HEADER_BYTES = 8
+_LENGTH_BYTES = DATA_HEADER_BYTES - 1
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+def _data_header(n: int) -> bytes:
+    """Tag and over-long (7-byte) varint length of a data frame of ``n`` bytes."""
+    if not 0 <= n < 1 << (7 * _LENGTH_BYTES):
+        raise WireError(f"a data frame of {n} bytes is too large")
+    out = bytearray((_DATA_TAG,))
+    for _ in range(_LENGTH_BYTES - 1):
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -137,7 +144,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 # GIL, so helper threads hash while gRPC moves bytes. A sender's stream of at least
 # SEND_AHEAD_BYTES is framed and hashed by a helper one frame ahead of gRPC (_ahead); a
 # receiver's stream of at least RECEIVE_BACKGROUND_HASH_BYTES is hashed by a helper from
-# the received frames while the data is copied out of them and the next frame arrives.
+# the received frames while the next frame arrives.
 SEND_AHEAD_BYTES = 1 << 20
 RECEIVE_BACKGROUND_HASH_BYTES = 1 << 20
 
@@ -205,12 +212,13 @@ def frames(
     """Yield the serialized ``confide.v1.Chunk`` messages of ``payload``.
 
     This is what goes on the wire, built without protobuf objects: a data frame is the
-    field tag, the length and a slice of the array's buffer, so each byte is copied once
-    (into the frame). Large streams are hashed by a helper thread while gRPC sends them,
-    which takes the digest off the critical path. :func:`encode` gives the same stream
-    as ``Chunk`` messages. With a ``signer`` (every upload of a site), its record joins
-    the manifest's config and its signature follows the digest as the last frame: one
-    ECDSA signature after the data, so signing adds no pass over the bytes.
+    field tag, the padded length (:data:`DATA_HEADER_BYTES`) and the arrays' bytes, so
+    each byte is copied once (into the frame). Large streams are hashed by a helper
+    thread while gRPC sends them, which takes the digest off the critical path.
+    :func:`encode` gives the same stream as ``Chunk`` messages. With a ``signer`` (every
+    upload of a site), its record joins the manifest's config and its signature follows
+    the digest as the last frame: one ECDSA signature after the data, so signing adds no
+    pass over the bytes.
     """
     if chunk_bytes <= 0:
         raise WireError(f"chunk size must be positive (got {chunk_bytes})")
@@ -254,33 +262,38 @@ def _data_frames(
     head_digest: bytes,
     signer: Signer | None,
 ) -> Generator[bytes, None, None]:
-    """The data frames of ``arrays``, then the digest frame (and the signature frame)."""
+    """The data frames of ``arrays``, then the digest frame (and the signature frame).
+
+    A frame is joined once from views of the arrays (an array's tail and the next array's
+    head share a frame), so every byte is copied exactly once, into the frame."""
     digest = blake3.blake3()
 
-    def framed(data: memoryview | bytearray) -> Iterator[bytes]:
-        out = b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
-        yield out
-        # Hashed after it is handed over (sent while this runs, when built ahead), and the
-        # frame's own copy: the caller's arrays may change once they are framed.
-        digest.update(memoryview(out)[len(out) - len(data) :])
+    def framed(pieces: list[memoryview], n: int) -> bytes:
+        return b"".join((_data_header(n), *pieces))
 
-    pending = bytearray()
+    pieces: list[memoryview] = []
+    pending = 0
     for a in arrays:
         view = memoryview(a.reshape(-1).view(np.uint8).data)
         offset = 0
         while offset < len(view):
-            if not pending and len(view) - offset >= chunk_bytes:
-                yield from framed(view[offset : offset + chunk_bytes])
-                offset += chunk_bytes
-                continue
-            piece = view[offset : offset + chunk_bytes - len(pending)]
-            pending += piece
+            piece = view[offset : offset + chunk_bytes - pending]
+            pieces.append(piece)
+            pending += len(piece)
             offset += len(piece)
-            if len(pending) == chunk_bytes:
-                yield from framed(pending)
-                pending.clear()
+            if pending == chunk_bytes:
+                out = framed(pieces, pending)
+                pieces.clear()
+                pending = 0
+                yield out
+                # Hashed after it is handed over (sent while this runs, when built ahead),
+                # and the frame's own copy: the caller's arrays may change once framed.
+                digest.update(memoryview(out)[DATA_HEADER_BYTES:])
     if pending:
-        yield from framed(pending)
+        out = framed(pieces, pending)
+        pieces.clear()
+        yield out
+        digest.update(memoryview(out)[DATA_HEADER_BYTES:])
     data_digest = digest.digest()
     yield pb.Chunk(digest=data_digest).SerializeToString()
     if signer is not None:
@@ -396,13 +409,10 @@ def _read_data(
     total: int,
     hasher: _Digest,
     stats: StreamStats,
-) -> tuple[npt.NDArray[np.uint8], bytes, bytes]:
-    """The ``total`` data bytes of a stream (copied out of the frames: a view into a frame
-    would be read-only and, 5 bytes past the frame's start, misaligned for float32), the
-    digest it ends with and its signature (empty if the stream carried none)."""
-    # Allocated at the first data frame, uninitialised on purpose: every byte is either
-    # written below or the stream fails.
-    buffer: npt.NDArray[np.uint8] | None = None
+) -> tuple[list[memoryview | bytes], bytes, bytes]:
+    """The ``total`` data bytes of a stream as the received frames' data parts (not
+    copied), the digest it ends with and its signature (empty if the stream carried none)."""
+    pieces: list[memoryview | bytes] = []
     received = 0
     digest: bytes | None = None
     signature: bytes | None = None
@@ -417,12 +427,10 @@ def _read_data(
             n = len(data)
             if received + n > total:
                 raise WireError(f"more data than the manifest announced ({total} bytes)")
-            if buffer is None:
-                buffer = np.empty(total, dtype=np.uint8)
-            # The frame itself is hashed (a received frame is immutable bytes), so with a
-            # helper thread the hash and the copy below run at the same time.
+            # A received frame is immutable bytes: with a helper thread it is hashed while
+            # the next frame arrives.
             hasher.update(data)
-            buffer[received : received + n] = np.frombuffer(data, dtype=np.uint8)
+            pieces.append(data)
             received += n
             continue
         part = message.WhichOneof("part")
@@ -445,9 +453,47 @@ def _read_data(
         raise WireError(f"stream ended after {received} of {total} bytes")
     if digest is None:
         raise WireError("stream ended without its BLAKE3 digest")
-    if buffer is None:  # no data at all (a model of empty arrays)
-        buffer = np.empty(0, dtype=np.uint8)
-    return buffer, digest, signature or b""
+    return pieces, digest, signature or b""
+
+
+def _arrays_from(
+    pieces: Sequence[memoryview | bytes], headers: Sequence[pb.ArrayHeader]
+) -> list[npt.NDArray[Any]]:
+    """The arrays of ``headers`` out of the data ``pieces`` (their sizes already checked
+    against the manifest), all READ-ONLY. An array inside one frame, aligned for its dtype
+    (data frames start 8-byte aligned), is a view of that frame: no copy. One that spans
+    frames, or is misaligned, is copied."""
+    arrays: list[npt.NDArray[Any]] = []
+    i = at = 0  # the piece being read, and the offset in it
+    for h in headers:
+        dtype, shape, n = np.dtype(h.dtype), tuple(h.shape), h.nbytes
+        while n and len(pieces[i]) == at:  # an exhausted (or empty) piece
+            i, at = i + 1, 0
+        if n == 0:
+            a = np.empty(shape, dtype=dtype)
+        elif len(pieces[i]) - at >= n:
+            a = np.frombuffer(pieces[i], dtype=dtype, count=n // dtype.itemsize, offset=at)
+            if not a.flags.aligned:
+                a = a.copy()
+            at += n
+        else:
+            buffer = np.empty(n, dtype=np.uint8)
+            filled = 0
+            while filled < n:
+                if len(pieces[i]) == at:
+                    i, at = i + 1, 0
+                    continue
+                take = min(n - filled, len(pieces[i]) - at)
+                buffer[filled : filled + take] = np.frombuffer(
+                    pieces[i], dtype=np.uint8, count=take, offset=at
+                )
+                filled += take
+                at += take
+            a = buffer.view(dtype)
+        a = a.reshape(shape)
+        a.flags.writeable = False
+        arrays.append(a)
+    return arrays
 
 
 def decode(
@@ -461,7 +507,8 @@ def decode(
 
     ``max_bytes`` bounds what the receiver will buffer (a hostile or broken peer cannot
     exhaust memory); ``expect`` (names and shapes of the model) rejects an update for
-    a different model before any data is read.
+    a different model before any data is read. The arrays are READ-ONLY, most of them
+    views of the received frames (see :func:`_arrays_from`): copy one to change it.
     """
     stats = stats if stats is not None else StreamStats()
     it = iter(chunks)
@@ -506,22 +553,12 @@ def decode(
             )
     hasher = _Digest(background=manifest.total_bytes >= RECEIVE_BACKGROUND_HASH_BYTES)
     try:
-        buffer, digest, signature = _read_data(it, manifest.total_bytes, hasher, stats)
+        pieces, digest, signature = _read_data(it, manifest.total_bytes, hasher, stats)
         if hasher.digest() != digest:
             raise WireError("digest mismatch: the data was corrupted in transit")
     finally:
         hasher.close()
-    arrays: list[npt.NDArray[Any]] = []
-    offset = 0
-    for h in headers:
-        a = np.frombuffer(
-            buffer.data,
-            dtype=np.dtype(h.dtype),
-            count=math.prod(h.shape),
-            offset=offset,
-        )
-        arrays.append(a.reshape(tuple(h.shape)))
-        offset += h.nbytes
+    arrays = _arrays_from(pieces, headers)
     return Payload(
         task_id=manifest.task_id,
         names=[h.name for h in headers],

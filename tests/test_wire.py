@@ -130,14 +130,53 @@ def test_frames_are_the_serialized_chunks_and_decode_in_place(chunk: int) -> Non
     frames = list(wire.frames(p, chunk))
     messages = list(encode(p, chunk))
     # Same messages (protobuf does not fix the byte order of map entries, so the manifest
-    # is compared parsed); data and digest frames are byte-identical.
+    # is compared parsed); a data frame is the message with its length padded to 7 bytes
+    # (protobuf reads the over-long varint), the digest frame is byte-identical.
     assert [pb.Chunk.FromString(f) for f in frames] == messages
-    assert frames[1:] == [m.SerializeToString() for m in messages[1:]]
+    for f, m in zip(frames[1:-1], messages[1:-1], strict=True):
+        assert f[: wire.DATA_HEADER_BYTES] == wire._data_header(len(m.data))
+        assert f[wire.DATA_HEADER_BYTES :] == m.data
+    assert frames[-1] == messages[-1].SerializeToString()
     stats = StreamStats()
     out = decode(frames, max_bytes=16 * MB, stats=stats)
     assert stats.wire_bytes == sum(len(f) for f in frames)
     for a, b in zip(out.arrays, p.arrays, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _inside(a: np.ndarray, frame: bytes) -> bool:
+    lo, hi = np.lib.array_utils.byte_bounds(a)
+    start = np.frombuffer(frame, dtype=np.uint8).ctypes.data
+    return start <= lo and hi <= start + len(frame)
+
+
+def test_arrays_inside_one_frame_are_read_in_place_and_every_array_is_read_only() -> None:
+    rng = np.random.default_rng(1)
+    p = Payload(
+        "t",
+        ["f64", "f32", "odd", "f64b", "span"],
+        [
+            rng.standard_normal(10),  # float64 at offset 0 of frame 1
+            rng.standard_normal(6).astype(np.float32),  # at 80: aligned
+            np.arange(3, dtype=np.uint8),  # at 104, leaves the next array at 107
+            rng.standard_normal(4),  # float64 at 107: misaligned, so copied
+            rng.standard_normal(60).astype(np.float32),  # crosses into frame 2: copied
+        ],
+    )
+    frames = list(wire.frames(p, 256))
+    data = frames[1:3]  # manifest, two data frames, digest
+    assert [len(f) - wire.DATA_HEADER_BYTES for f in data] == [256, 123]
+    out = decode(frames, max_bytes=MB)
+    for got, sent in zip(out.arrays, p.arrays, strict=True):
+        np.testing.assert_array_equal(got, sent)
+        assert got.dtype == sent.dtype and got.shape == sent.shape
+        assert not got.flags.writeable and got.flags.aligned
+        with pytest.raises(ValueError, match="read-only"):
+            got[...] = 0
+    # Received frames are bytes: their data starts 8-byte aligned, so the aligned arrays
+    # of frame 1 are views of it; the misaligned one and the one across frames are copies.
+    assert [_inside(a, data[0]) for a in out.arrays] == [True, True, True, False, False]
+    assert not any(_inside(a, data[1]) for a in out.arrays)
 
 
 def test_a_large_stream_hashes_in_the_background_and_still_checks_the_digest() -> None:

@@ -75,7 +75,7 @@ def test_synthetic_model_across_many_odd_chunks_is_sized_to_the_byte() -> None:
     chunk = 12_345  # not a divisor of anything: chunks run across array boundaries
     frames_bytes, messages, frames = _real_frames(specs, chunk, task_id="m")
     assert messages > 8
-    assert {len(f) for f in frames[1:-2]} == {1 + 2 + chunk}
+    assert {len(f) for f in frames[1:-2]} == {wire.DATA_HEADER_BYTES + chunk}
     size = stream_size(specs, chunk_bytes=chunk, task_id="m")
     assert (size.frames, size.messages) == (frames_bytes, messages)
 

@@ -54,6 +54,7 @@ from confide.protos.v1 import coordinator_pb2 as pb
 from confide.rpc import GRPC_PREFIX_BYTES
 from confide.wire import (
     ALLOWED_DTYPES,
+    DATA_HEADER_BYTES,
     DEFAULT_CHUNK_BYTES,
     NUM_EXAMPLES,
     WireError,
@@ -213,7 +214,7 @@ def stream_size(
     ).ByteSize()
     # Data chunks run across array boundaries: all full but the last.
     full, rest = divmod(total, chunk_bytes)
-    data = full * _bytes_field(chunk_bytes) + (_bytes_field(rest) if rest else 0)
+    data = full * (DATA_HEADER_BYTES + chunk_bytes) + (DATA_HEADER_BYTES + rest if rest else 0)
     digest = _bytes_field(_SHA256_BYTES)
     signature = 0 if claim is None else _bytes_field(_SIGNATURE_BYTES)
     messages = 2 + full + (1 if rest else 0) + (claim is not None)
