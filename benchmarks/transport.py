@@ -170,15 +170,22 @@ class _Count(logging.Handler):
 
 
 class RawServer:
-    """Plain-bytes gRPC handlers on the coordinator's TLS credentials: the transport floor."""
+    """Plain-bytes gRPC handlers on the coordinator's TLS credentials: the transport floor.
 
-    def __init__(self, credentials: grpc.ServerCredentials, data: bytes, max_chunk: int) -> None:
+    ``Wait`` gates rounds for the round floor (:func:`run_raw_rounds`): a client asks for
+    round r and is answered once the driver opens it (round 0: "connected", at once)."""
+
+    def __init__(
+        self, credentials: grpc.ServerCredentials, data: bytes, max_chunk: int, workers: int = 4
+    ) -> None:
         self.data = data
         self._pieces: dict[int, list[bytes]] = {}
         self._lock = threading.Lock()
+        self._gate = threading.Condition()
+        self._round = self._ready = self._uploads = 0
         limit = 2 * max_chunk + MiB  # the coordinator's own message limits
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4),
+            futures.ThreadPoolExecutor(max_workers=workers),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -190,6 +197,7 @@ class RawServer:
                 "Upload": grpc.stream_unary_rpc_method_handler(self._upload),
                 "Download": grpc.unary_stream_rpc_method_handler(self._download),
                 "Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req),
+                "Wait": grpc.unary_unary_rpc_method_handler(self._wait),
             },
         )
         self.server.add_generic_rpc_handlers((handler,))
@@ -206,7 +214,33 @@ class RawServer:
         n = 0
         for b in it:
             n += len(b)
+        with self._gate:
+            self._uploads += 1
+            self._gate.notify_all()
         return n.to_bytes(8, "little")
+
+    def _wait(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        want = int.from_bytes(request, "little")
+        with self._gate:
+            if want == 0:
+                self._ready += 1
+                self._gate.notify_all()
+            opened = self._gate.wait_for(lambda: self._round >= want, timeout=RPC_TIMEOUT)
+        return b"\x01" if opened else b"\x00"
+
+    def wait_ready(self, clients: int, timeout: float) -> bool:
+        with self._gate:
+            return self._gate.wait_for(lambda: self._ready >= clients, timeout=timeout)
+
+    def run_round(self, rnd: int, clients: int, timeout: float) -> float | None:
+        """Open round ``rnd``; seconds until ``clients`` uploads are in (None: timed out)."""
+        with self._gate:
+            self._uploads = 0
+            t0 = time.perf_counter()
+            self._round = rnd
+            self._gate.notify_all()
+            done = self._gate.wait_for(lambda: self._uploads >= clients, timeout=timeout)
+            return time.perf_counter() - t0 if done else None
 
     def _download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from self.pieces(int.from_bytes(request, "little"))
@@ -441,6 +475,134 @@ def _client_process(spec: dict[str, Any], spec_path: Path) -> dict[str, Any]:
         raise RuntimeError(f"throughput client failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+# --------------------------------------------------------------------------- raw round floor
+
+
+def raw_round_client(spec: dict[str, Any]) -> dict[str, Any]:
+    """Helper process: one thread and channel per site kit; each round, every thread waits
+    for the round to open, downloads the model and uploads it back (raw bytes, the same
+    chunks and TLS credentials as the coordinator's): the bytes of a Confide round, with
+    nothing else."""
+    keep_large_buffers()
+    chunk, rounds, nbytes = spec["chunk"], spec["rounds"], spec["nbytes"]
+    errors: list[str] = []
+
+    def site(kit_dir: str) -> None:
+        creds = load_kit(Path(kit_dir)).channel_credentials()
+        try:
+            with grpc.secure_channel(
+                f"127.0.0.1:{spec['port']}", creds, options=CLIENT_OPTIONS
+            ) as ch:
+                wait = ch.unary_unary(f"/{RAW_SERVICE}/Wait")
+                down = ch.unary_stream(f"/{RAW_SERVICE}/Download")
+                up = ch.stream_unary(f"/{RAW_SERVICE}/Upload")
+                wait((0).to_bytes(8, "little"), timeout=RPC_TIMEOUT)  # connected
+                for rnd in range(1, rounds + 1):
+                    if wait(rnd.to_bytes(8, "little"), timeout=RPC_TIMEOUT) != b"\x01":
+                        raise RuntimeError(f"round {rnd} never opened")
+                    data = b"".join(down(chunk.to_bytes(8, "little"), timeout=RPC_TIMEOUT))
+                    if len(data) != nbytes:
+                        raise RuntimeError(f"downloaded {len(data)} of {nbytes} bytes")
+                    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+                    n = int.from_bytes(up(iter(pieces), timeout=RPC_TIMEOUT), "little")
+                    if n != nbytes:
+                        raise RuntimeError(f"uploaded {n} of {nbytes} bytes")
+        except Exception as e:  # reported in the summary; the driver's round times out
+            errors.append(f"{kit_dir}: {type(e).__name__}: {e}")
+
+    cpu = time.process_time()
+    threads = [threading.Thread(target=site, args=(k,), daemon=True) for k in spec["kits"]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=RPC_TIMEOUT * (rounds + 1))
+    return {"cpu_seconds": time.process_time() - cpu, "errors": errors[:5]}
+
+
+def run_raw_rounds(
+    *,
+    sites: int,
+    rounds: int,
+    kits: Sequence[Path],
+    coordinator_dir: Path,
+    tmp: Path,
+    procs: int,
+) -> dict[str, Any]:
+    """The transport floor of a round: what raw grpcio needs here to move a Confide round's
+    bytes (every site downloads the 1M-parameter model and uploads as much), in the same
+    layout as the ``procs`` run (this process serves, ``procs`` helpers hold the sites)."""
+    from confide.privacy.crypto import load_coordinator
+
+    data = np.random.default_rng(0).standard_normal(1_001_000).astype(np.float32).tobytes()
+    chunk = 4 * MiB  # the benchmark federation's chunk_mb
+    raw = RawServer(
+        load_coordinator(coordinator_dir).server_credentials(), data, chunk, workers=sites + 8
+    )
+    port = raw.start()
+    helpers: list[tuple[subprocess.Popen[str], Path]] = []
+    seconds: list[float] = []
+    cpu: list[float] = []
+    try:
+        for g in range(procs):
+            spec = {
+                "port": port,
+                "kits": [str(k) for k in kits[:sites][g::procs]],
+                "chunk": chunk,
+                "rounds": rounds,
+                "nbytes": len(data),
+            }
+            path = tmp / f"raw-rounds-{sites}-{g}.json"
+            path.write_text(json.dumps(spec))
+            out = path.with_suffix(".out")
+            with out.open("w") as stdout:
+                helper = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--raw-round-client",
+                        str(path),
+                    ],
+                    stdout=stdout,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+            helpers.append((helper, out))
+        if not raw.wait_ready(sites, 120.0):
+            raise RuntimeError(f"raw round floor: not all {sites} clients connected")
+        for rnd in range(1, rounds + 1):
+            c0 = time.process_time()
+            took = raw.run_round(rnd, sites, RPC_TIMEOUT)
+            if took is None:
+                raise RuntimeError(f"raw round floor: round {rnd} did not complete")
+            seconds.append(took)
+            cpu.append(time.process_time() - c0)
+        for helper, _ in helpers:
+            helper.wait(timeout=60)
+    finally:
+        for helper, _ in helpers:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait(timeout=10)
+        raw.stop()
+    client_cpu, errors = 0.0, []
+    for _, out in helpers:
+        lines = out.read_text().strip().splitlines()
+        summary = json.loads(lines[-1]) if lines else {"cpu_seconds": 0.0, "errors": ["none"]}
+        client_cpu += summary["cpu_seconds"]
+        errors += summary["errors"]
+    if errors:
+        raise RuntimeError(f"raw round floor: {errors[:3]}")
+    return {
+        "sites": sites,
+        "procs": procs,
+        "round_seconds": seconds,
+        "round_median_s": med(seconds),
+        "server_cpu_s_per_round": med(cpu),
+        "clients_cpu_s_per_round": client_cpu / rounds,
+    }
 
 
 # --------------------------------------------------------------------------- round overhead
@@ -715,11 +877,17 @@ def main() -> int:
     p.add_argument("--skip-rounds", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: seconds")
     p.add_argument("--json", default=None)
+    p.add_argument("--skip-raw-floor", action="store_true", help="skip the raw grpcio round floor")
     p.add_argument("--throughput-client", help=argparse.SUPPRESS)
+    p.add_argument("--raw-round-client", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.throughput_client:
         spec = json.loads(Path(args.throughput_client).read_text())
         print(json.dumps(throughput_client(spec)), flush=True)
+        return 0
+    if args.raw_round_client:
+        spec = json.loads(Path(args.raw_round_client).read_text())
+        print(json.dumps(raw_round_client(spec)), flush=True)
         return 0
     if args.quick:
         args.repeats, args.sizes, args.chunks = 2, [1], [1, 4]
@@ -757,6 +925,17 @@ def main() -> int:
                                 agent_procs=args.agent_procs,
                             )
                         )
+        floors: dict[int, dict[str, Any]] = {}
+        if not args.skip_rounds and not args.skip_raw_floor:
+            for sites in args.sites:
+                floors[sites] = run_raw_rounds(
+                    sites=sites,
+                    rounds=args.rounds,
+                    kits=kits,
+                    coordinator_dir=coordinator_dir,
+                    tmp=tmp,
+                    procs=min(args.agent_procs, sites),
+                )
         biggest = [r for r in runs if r["sites"] == max(args.sites)]
         missed = any(r["round_median_s"] > TARGET_ROUND_S for r in biggest)
         profiled = None
@@ -826,6 +1005,8 @@ def main() -> int:
                 "agent download s",
                 "agent app s",
                 "agent upload s",
+                "raw grpcio round s",
+                "Confide / raw",
                 "target",
             ],
             [
@@ -840,6 +1021,10 @@ def main() -> int:
                     r["agent_median_s"]["download"],
                     r["agent_median_s"]["app"],
                     r["agent_median_s"]["upload"],
+                    floors[r["sites"]]["round_median_s"] if r["sites"] in floors else "-",
+                    r["round_median_s"] / floors[r["sites"]]["round_median_s"]
+                    if r["sites"] in floors
+                    else "-",
                     ("met" if r["round_median_s"] <= TARGET_ROUND_S else "MISSED")
                     if r["sites"] == 50
                     else "-",
@@ -852,8 +1037,19 @@ def main() -> int:
             "process (one GIL); 'N procs' = N helper processes with threads. coord. CPU = "
             "CPU of the coordinator's process during the round (includes in-process agents); "
             "agents CPU = the helper processes' CPU from start to exit / rounds (includes join "
-            "and stop). agent download/app/upload = medians of the agents' own timings."
+            "and stop). agent download/app/upload = medians of the agents' own timings. "
+            "raw grpcio round s = the floor: the same round's bytes (every site downloads "
+            "the model and uploads as much, 4 MiB chunks, same TLS credentials) with plain "
+            "grpcio handlers and clients, sites in the same helper processes (median over "
+            "rounds)."
         )
+        for f in floors.values():
+            print(
+                f"  raw grpcio floor, {f['sites']} sites: rounds "
+                + " ".join(f"{x:.2f}" for x in f["round_seconds"])
+                + f" s; server CPU {f['server_cpu_s_per_round']:.2f} s/round, clients CPU "
+                f"{f['clients_cpu_s_per_round']:.2f} s/round ({f['procs']} procs)"
+            )
         for r in runs:
             if r["sites"] == 50:
                 verdict = "met" if r["round_median_s"] <= TARGET_ROUND_S else "MISSED"
@@ -905,6 +1101,7 @@ def main() -> int:
             },
             "throughput": throughput,
             "rounds": runs,
+            "raw_round_floor": list(floors.values()),
             "profiled": profiled,
         },
     )

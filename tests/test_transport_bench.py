@@ -38,3 +38,10 @@ def test_transport_quick_run_prints_a_table_and_writes_positive_figures(tmp_path
         assert run["round_seconds"] and all(s > 0 for s in run["round_seconds"])
         assert run["sites_succeeded_min"] == run["sites"]
         assert run["agent_exit_codes_ok"]
+    # The raw grpcio floor of the same rounds: every site's download and upload, timed.
+    (floor,) = data["raw_round_floor"]
+    assert floor["sites"] == data["rounds"][0]["sites"]
+    assert len(floor["round_seconds"]) == data["settings"]["rounds"]
+    assert all(s > 0 for s in floor["round_seconds"])
+    assert floor["server_cpu_s_per_round"] > 0 and floor["clients_cpu_s_per_round"] > 0
+    assert "raw grpcio floor" in proc.stdout
