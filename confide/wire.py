@@ -147,6 +147,11 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 # the received frames while the next frame arrives.
 SEND_AHEAD_BYTES = 1 << 20
 RECEIVE_BACKGROUND_HASH_BYTES = 1 << 20
+# A received data frame of at least this size is kept and read in place; smaller ones
+# (only a stream's last frame, from an honest peer: models move in chunks of 64 KiB or
+# more) are copied together, so a stream cut into tiny frames cannot make the receiver
+# hold one object per few bytes.
+KEEP_FRAME_BYTES = 64 * 1024
 
 
 class _Digest:
@@ -409,10 +414,12 @@ def _read_data(
     total: int,
     hasher: _Digest,
     stats: StreamStats,
-) -> tuple[list[memoryview | bytes], bytes, bytes]:
-    """The ``total`` data bytes of a stream as the received frames' data parts (not
-    copied), the digest it ends with and its signature (empty if the stream carried none)."""
-    pieces: list[memoryview | bytes] = []
+) -> tuple[list[memoryview | bytes | bytearray], bytes, bytes]:
+    """The ``total`` data bytes of a stream as the received frames' data parts (frames
+    of :data:`KEEP_FRAME_BYTES` or more as they are, smaller ones copied together), the
+    digest it ends with and its signature (empty if the stream carried none)."""
+    pieces: list[memoryview | bytes | bytearray] = []
+    small = bytearray()
     received = 0
     digest: bytes | None = None
     signature: bytes | None = None
@@ -430,7 +437,13 @@ def _read_data(
             # A received frame is immutable bytes: with a helper thread it is hashed while
             # the next frame arrives.
             hasher.update(data)
-            pieces.append(data)
+            if n >= KEEP_FRAME_BYTES:
+                if small:
+                    pieces.append(small)
+                    small = bytearray()
+                pieces.append(data)
+            else:
+                small += data
             received += n
             continue
         part = message.WhichOneof("part")
@@ -453,11 +466,13 @@ def _read_data(
         raise WireError(f"stream ended after {received} of {total} bytes")
     if digest is None:
         raise WireError("stream ended without its BLAKE3 digest")
+    if small:
+        pieces.append(small)
     return pieces, digest, signature or b""
 
 
 def _arrays_from(
-    pieces: Sequence[memoryview | bytes], headers: Sequence[pb.ArrayHeader]
+    pieces: Sequence[memoryview | bytes | bytearray], headers: Sequence[pb.ArrayHeader]
 ) -> list[npt.NDArray[Any]]:
     """The arrays of ``headers`` out of the data ``pieces`` (their sizes already checked
     against the manifest), all READ-ONLY. An array inside one frame, aligned for its dtype
