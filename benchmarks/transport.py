@@ -34,6 +34,12 @@ Everything runs on 127.0.0.1 with real mutual TLS, made by the project's own PKI
    With ``CONFIDE_BENCH_AGENT_PROFILE=DIR`` each agent helper process also writes its
    merged per-thread profile to ``DIR/agents-PID.pstats`` (read it with ``pstats``).
 
+3. The raw grpcio floor of a round (unless ``--skip-raw-floor``): for each site count,
+   the same round's bytes (every site downloads the model and uploads as much, 4 MiB
+   chunks, the same TLS credentials) with plain grpcio handlers and clients, the sites
+   in ``--agent-procs`` helper processes; a round is timed from opening it to the last
+   upload received. Printed beside the round overhead with the ratio.
+
     python benchmarks/transport.py                    # full: a few minutes on 2 cores
     python benchmarks/transport.py --quick            # smoke run (CI), seconds
     python benchmarks/transport.py --json benchmarks/results/transport.json
@@ -556,7 +562,7 @@ def run_raw_rounds(
             path = tmp / f"raw-rounds-{sites}-{g}.json"
             path.write_text(json.dumps(spec))
             out = path.with_suffix(".out")
-            with out.open("w") as stdout:
+            with out.open("w") as stdout, path.with_suffix(".err").open("w") as stderr:
                 helper = subprocess.Popen(
                     [
                         sys.executable,
@@ -565,13 +571,14 @@ def run_raw_rounds(
                         str(path),
                     ],
                     stdout=stdout,
-                    stderr=subprocess.DEVNULL,
+                    stderr=stderr,
                     text=True,
                     env={**os.environ, "OMP_NUM_THREADS": "1"},
                 )
             helpers.append((helper, out))
         if not raw.wait_ready(sites, 120.0):
-            raise RuntimeError(f"raw round floor: not all {sites} clients connected")
+            tails = [out.with_suffix(".err").read_text()[-500:] for _, out in helpers]
+            raise RuntimeError(f"raw round floor: not all {sites} clients connected: {tails}")
         for rnd in range(1, rounds + 1):
             c0 = time.process_time()
             took = raw.run_round(rnd, sites, RPC_TIMEOUT)
