@@ -378,30 +378,20 @@ def agent_host(spec_path: str) -> int:
     return 0
 
 
-class AgentProcs:
-    """SiteAgents spread over a few helper processes started (and always ended) by us."""
+class HelperProcs:
+    """Helper processes, one per JSON spec (``command`` + the spec's path), started and
+    always ended by us; each prints a JSON summary as the last line of its output."""
 
     def __init__(
         self,
-        kit_dirs: Sequence[Path],
-        address: str,
-        procs: int,
-        tmp: Path,
-        deadline: float,
-        app: str = ECHO_APP,
-    ):
+        command: Sequence[str],
+        specs: Sequence[tuple[Path, dict[str, Any]]],
+        missing: dict[str, Any],
+    ) -> None:
+        self.command = list(command)
+        self.missing = missing  # the summary of a helper that printed none
         self.specs = []
-        groups = [list(range(i, len(kit_dirs), procs)) for i in range(procs)]
-        for g, idx in enumerate(g for g in groups if g):
-            spec = {
-                "kits": [str(kit_dirs[i]) for i in idx],
-                "partitions": idx,
-                "total": len(kit_dirs),
-                "address": address,
-                "deadline": deadline,
-                "app": app,
-            }
-            path = tmp / f"agents-{g}.json"
+        for path, spec in specs:
             path.write_text(json.dumps(spec))
             self.specs.append(path)
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -412,7 +402,7 @@ class AgentProcs:
             out = spec.with_suffix(".out")
             with out.open("wb") as stdout, spec.with_suffix(".err").open("wb") as stderr:
                 p = subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve()), str(spec)],
+                    [*self.command, str(spec)],
                     stdout=stdout,
                     stderr=stderr,
                     env=env,
@@ -442,8 +432,45 @@ class AgentProcs:
         out = []
         for _, path in self.procs:
             lines = path.read_text().strip().splitlines()
-            out.append(json.loads(lines[-1]) if lines else {"finished": False, "codes": []})
+            out.append(json.loads(lines[-1]) if lines else dict(self.missing))
         return out
+
+    def stderr_tails(self, chars: int = 500) -> list[str]:
+        return [out.with_suffix(".err").read_text()[-chars:] for _, out in self.procs]
+
+
+class AgentProcs(HelperProcs):
+    """SiteAgents spread over a few helper processes (:func:`agent_host`)."""
+
+    def __init__(
+        self,
+        kit_dirs: Sequence[Path],
+        address: str,
+        procs: int,
+        tmp: Path,
+        deadline: float,
+        app: str = ECHO_APP,
+    ):
+        groups = [list(range(i, len(kit_dirs), procs)) for i in range(procs)]
+        specs = [
+            (
+                tmp / f"agents-{g}.json",
+                {
+                    "kits": [str(kit_dirs[i]) for i in idx],
+                    "partitions": idx,
+                    "total": len(kit_dirs),
+                    "address": address,
+                    "deadline": deadline,
+                    "app": app,
+                },
+            )
+            for g, idx in enumerate(g for g in groups if g)
+        ]
+        super().__init__(
+            [sys.executable, str(Path(__file__).resolve())],
+            specs,
+            missing={"finished": False, "codes": []},
+        )
 
 
 # --------------------------------------------------------------------------- environment

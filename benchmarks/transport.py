@@ -74,6 +74,7 @@ from _federation import (  # shared with load.py: PKI, config, models, site agen
     AgentLog,
     AgentProcs,
     AgentThreads,
+    HelperProcs,
     ThreadProfiles,
     background,
     federation_config,
@@ -547,38 +548,31 @@ def run_raw_rounds(
         load_coordinator(coordinator_dir).server_credentials(), data, chunk, workers=sites + 8
     )
     port = raw.start()
-    helpers: list[tuple[subprocess.Popen[str], Path]] = []
+    helpers = HelperProcs(
+        [sys.executable, str(Path(__file__).resolve()), "--raw-round-client"],
+        [
+            (
+                tmp / f"raw-rounds-{sites}-{g}.json",
+                {
+                    "port": port,
+                    "kits": [str(k) for k in kits[:sites][g::procs]],
+                    "chunk": chunk,
+                    "rounds": rounds,
+                    "nbytes": len(data),
+                },
+            )
+            for g in range(procs)
+        ],
+        missing={"cpu_seconds": 0.0, "errors": ["no summary"]},
+    )
     seconds: list[float] = []
     cpu: list[float] = []
     try:
-        for g in range(procs):
-            spec = {
-                "port": port,
-                "kits": [str(k) for k in kits[:sites][g::procs]],
-                "chunk": chunk,
-                "rounds": rounds,
-                "nbytes": len(data),
-            }
-            path = tmp / f"raw-rounds-{sites}-{g}.json"
-            path.write_text(json.dumps(spec))
-            out = path.with_suffix(".out")
-            with out.open("w") as stdout, path.with_suffix(".err").open("w") as stderr:
-                helper = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(Path(__file__).resolve()),
-                        "--raw-round-client",
-                        str(path),
-                    ],
-                    stdout=stdout,
-                    stderr=stderr,
-                    text=True,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
-                )
-            helpers.append((helper, out))
+        helpers.start()
         if not raw.wait_ready(sites, 120.0):
-            tails = [out.with_suffix(".err").read_text()[-500:] for _, out in helpers]
-            raise RuntimeError(f"raw round floor: not all {sites} clients connected: {tails}")
+            raise RuntimeError(
+                f"raw round floor: not all {sites} clients connected: {helpers.stderr_tails()}"
+            )
         for rnd in range(1, rounds + 1):
             c0 = time.process_time()
             took = raw.run_round(rnd, sites, RPC_TIMEOUT)
@@ -586,20 +580,13 @@ def run_raw_rounds(
                 raise RuntimeError(f"raw round floor: round {rnd} did not complete")
             seconds.append(took)
             cpu.append(time.process_time() - c0)
-        for helper, _ in helpers:
-            helper.wait(timeout=60)
+        helpers.wait(60.0)
     finally:
-        for helper, _ in helpers:
-            if helper.poll() is None:
-                helper.kill()
-                helper.wait(timeout=10)
+        helpers.stop()
         raw.stop()
-    client_cpu, errors = 0.0, []
-    for _, out in helpers:
-        lines = out.read_text().strip().splitlines()
-        summary = json.loads(lines[-1]) if lines else {"cpu_seconds": 0.0, "errors": ["none"]}
-        client_cpu += summary["cpu_seconds"]
-        errors += summary["errors"]
+    summaries = helpers.results()
+    client_cpu = sum(r["cpu_seconds"] for r in summaries)
+    errors = [e for r in summaries for e in r["errors"]]
     if errors:
         raise RuntimeError(f"raw round floor: {errors[:3]}")
     return {
